@@ -1,0 +1,3 @@
+"""LossLab: compare training objectives on image benchmarks."""
+
+__version__ = "0.1.0"
