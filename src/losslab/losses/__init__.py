@@ -1,0 +1,7 @@
+"""Training objectives. Each loss declares what it consumes (see :class:`losslab.losses.base.Loss`)."""
+
+from losslab.losses.base import Loss
+from losslab.losses.classification import CrossEntropy, LabelSmoothing
+from losslab.losses.contrastive import SupCon
+
+__all__ = ["Loss", "CrossEntropy", "LabelSmoothing", "SupCon"]

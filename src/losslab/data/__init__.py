@@ -1,0 +1,6 @@
+"""Datasets: one LightningDataModule design for in-memory tensors and for image folders."""
+
+from losslab.data.datamodule import ImageDataModule, InMemoryDataModule
+from losslab.data.folder import FolderDataModule
+
+__all__ = ["ImageDataModule", "InMemoryDataModule", "FolderDataModule"]

@@ -1,0 +1,79 @@
+"""Batched image augmentation on the training device, airbench style: whole batches, no per-sample Python.
+
+All functions take a uint8 or float batch ``[B, C, H, W]`` and a ``torch.Generator`` on the batch's
+device, so a run is reproducible from (seed, epoch, batch index) alone, including after a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from losslab.errors import ConfigError
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+    if padding <= 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (batch,), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), device=images.device, generator=generator)
+    rows = (torch.arange(height, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(width, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
+    batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channel_index = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows, cols]
+
+
+def random_horizontal_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a ``size``×``size`` square at a random centre per image (DeVries & Taylor 2017).
+
+    Applied after normalisation, so the erased region holds the dataset mean.
+    """
+    if size <= 0:
+        return images
+    batch, _, height, width = images.shape
+    cy = torch.randint(0, height, (batch,), device=images.device, generator=generator)
+    cx = torch.randint(0, width, (batch,), device=images.device, generator=generator)
+    ys = torch.arange(height, device=images.device)
+    xs = torch.arange(width, device=images.device)
+    low, high = size // 2, size - size // 2
+    in_rows = (ys[None, :] >= (cy[:, None] - low)) & (ys[None, :] < (cy[:, None] + high))
+    in_cols = (xs[None, :] >= (cx[:, None] - low)) & (xs[None, :] < (cx[:, None] + high))
+    mask = in_rows[:, :, None] & in_cols[:, None, :]
+    return images.masked_fill(mask[:, None], 0.0)
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """The train-time augmentation of the in-memory datasets: crop with padding, flip, cutout."""
+
+    crop_padding: int = 0
+    horizontal_flip: bool = False
+    cutout_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("crop_padding", "cutout_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"dataset.augment.{name}={value!r}: must be an integer >= 0")
+
+    def geometric(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The augmentations that act on raw pixels (run on uint8, before normalisation)."""
+        images = random_crop(images, self.crop_padding, generator)
+        if self.horizontal_flip:
+            images = random_horizontal_flip(images, generator)
+        return images
+
+    def erase(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The augmentations that act on normalised pixels."""
+        return cutout(images, self.cutout_size, generator)

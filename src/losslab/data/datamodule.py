@@ -1,0 +1,272 @@
+"""The one LightningDataModule design every dataset uses.
+
+Batches leave the loaders as uint8 images and int64 labels; :meth:`on_after_batch_transfer` turns them
+into normalised float batches on the training device, with the train-time augmentation applied to whole
+batches there. With ``n_views >= 2`` a training batch is ``[B, V, C, H, W]``: V independent
+augmentations of each image, for contrastive losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from losslab.data import sources
+from losslab.data.augment import BatchAugment
+from losslab.data.batching import BatchOrder, TensorBatches
+from losslab.errors import ConfigError
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded stratified split into (train indices, validation indices), each sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction={fraction}: must be in [0, 1)")
+    generator = torch.Generator().manual_seed(seed)
+    val = []
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        val.append(members[: round(fraction * len(members))])
+    val_index = torch.cat(val).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_index] = False
+    return torch.nonzero(keep).flatten(), val_index
+
+
+def index_digest(index: torch.Tensor) -> str:
+    return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class DataInfo:
+    """What a run records about its data: where it came from, checksums and the split."""
+
+    name: str
+    source: str
+    files: dict[str, str]
+    split: dict[str, Any]
+    normalization: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "files_sha256": self.files,
+            "split": self.split,
+            "normalization": self.normalization,
+        }
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared behaviour: normalisation, batched augmentation, views, and the batch layout."""
+
+    def __init__(
+        self,
+        name: str,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        augment: dict[str, Any] | None = None,
+        n_views: int = 1,
+        sampler: str = "random",
+        m_per_class: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_views < 1:
+            raise ConfigError(f"dataset.n_views={n_views}: must be >= 1")
+        self.name = name
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.augment = BatchAugment(**(augment or {}))
+        self.n_views = n_views
+        self.sampler = sampler
+        self.m_per_class = m_per_class
+        self.seed = seed
+        self.classes: list[str] = []
+        self.class_counts: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        self.info: DataInfo | None = None
+        self._augment_epoch, self._augment_batches = -1, 0
+
+    # Filled in by subclasses' setup.
+    num_channels: int
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _current_epoch(self) -> int:
+        trainer = self.trainer
+        return trainer.current_epoch if trainer is not None else 0
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _batch_order(self, labels: torch.Tensor, training: bool) -> BatchOrder:
+        rank, world_size = self._rank_and_world()
+        if training:
+            return BatchOrder(
+                labels,
+                self.batch_size,
+                sampler=self.sampler,
+                m_per_class=self.m_per_class,
+                drop_last=True,
+                seed=self.seed,
+                epoch_fn=self._current_epoch,
+                rank=rank,
+                world_size=world_size,
+            )
+        return BatchOrder(
+            labels, self.eval_batch_size, sampler="sequential", drop_last=False, rank=rank, world_size=world_size
+        )
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = self.mean.to(images.device)[None, :, None, None]
+        std = self.std.to(images.device)[None, :, None, None]
+        return (images.float() / 255.0 - mean) / std
+
+    def _prepare(self, images: torch.Tensor, training: bool) -> torch.Tensor:
+        if not training:
+            return self._normalize(images)
+        seed = (self.seed * 1_000_003 + self._current_epoch()) * 1_000_003 + self._next_train_batch_index()
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        return self.augment.erase(self._normalize(self.augment.geometric(images, generator)), generator)
+
+    def _next_train_batch_index(self) -> int:
+        """Counts training batches within the epoch, so augmentation is seeded by (seed, epoch, batch)."""
+        epoch = self._current_epoch()
+        if epoch != self._augment_epoch:
+            self._augment_epoch, self._augment_batches = epoch, 0
+        self._augment_batches += 1
+        return self._augment_batches - 1
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if images.dim() == 5:  # views already drawn by the loader's workers (folder datasets)
+            batch_size, n_views = images.shape[:2]
+            prepared = self._prepare(images.flatten(0, 1), training)
+            return prepared.view(batch_size, n_views, *prepared.shape[1:]), labels
+        if training and self.n_views > 1:
+            views = self._prepare(images.repeat_interleave(self.n_views, dim=0), training)
+            return views.view(images.shape[0], self.n_views, *views.shape[1:]), labels
+        return self._prepare(images, training), labels
+
+    def _record_split(self, train_index: torch.Tensor, val_index: torch.Tensor, n_test: int) -> dict[str, Any]:
+        return {
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "stratified": True,
+            "n_train": len(train_index),
+            "n_val": len(val_index),
+            "n_test": n_test,
+            "val_indices_sha256": index_digest(val_index),
+        }
+
+
+class InMemoryDataModule(ImageDataModule):
+    """A dataset held as one uint8 tensor per split (the airbench way).
+
+    ``name`` picks the reader in :data:`losslab.data.sources.LOADERS`; the files are looked for in
+    ``data_dir`` first, then in known system locations, then downloaded by torchvision.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | None = None,
+        download: bool = True,
+        image_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if name not in sources.LOADERS:
+            raise ConfigError(f"dataset.name={name!r}: allowed values are {', '.join(sorted(sources.LOADERS))}")
+        super().__init__(name=name, **kwargs)
+        self.data_dir = data_dir
+        self.download = download
+        self.requested_image_size = image_size
+        self.train_split: Split | None = None
+        self.val_split: Split | None = None
+        self.test_split: Split | None = None
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the only place allowed to download.
+        if self.train_split is None:
+            self._load(download=self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_split is None:
+            self._load(download=False)
+
+    def _load(self, download: bool) -> None:
+        arrays = sources.LOADERS[self.name](self.data_dir, download=download)
+        train_images, test_images = arrays.train_images, arrays.test_images
+        if self.requested_image_size and self.requested_image_size != train_images.shape[-1]:
+            train_images = _resize(train_images, self.requested_image_size)
+            test_images = _resize(test_images, self.requested_image_size)
+        train_index, val_index = stratified_split(arrays.train_labels, self.val_fraction, self.split_seed)
+        self.train_split = Split(train_images[train_index].contiguous(), arrays.train_labels[train_index])
+        self.val_split = Split(train_images[val_index].contiguous(), arrays.train_labels[val_index])
+        self.test_split = Split(test_images, arrays.test_labels)
+        self.classes = list(arrays.classes)
+        self.num_channels = train_images.shape[1]
+        self.image_size = train_images.shape[-1]
+        self.class_counts = torch.bincount(self.train_split.labels, minlength=self.num_classes)
+        pixels = self.train_split.images.to(torch.float64) / 255.0
+        self.mean = pixels.mean(dim=(0, 2, 3)).float()
+        self.std = pixels.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
+        self.info = DataInfo(
+            name=self.name,
+            source=arrays.source,
+            files=arrays.files,
+            split=self._record_split(train_index, val_index, len(arrays.test_labels)),
+            normalization={"mean": self.mean.tolist(), "std": self.std.tolist()},
+        )
+
+    def _loader(self, split: Split | None, training: bool) -> TensorBatches:
+        if split is None:
+            raise RuntimeError("setup() must run before the dataloaders are requested")
+        return TensorBatches(split.images, split.labels, self._batch_order(split.labels, training))
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._loader(self.train_split, training=True)
+
+    def val_dataloader(self) -> TensorBatches | list:
+        if self.val_split is None or len(self.val_split.labels) == 0:
+            return []
+        return self._loader(self.val_split, training=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._loader(self.test_split, training=False)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    chunks = [
+        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        for chunk in images.split(4096)
+    ]
+    return torch.cat(chunks)

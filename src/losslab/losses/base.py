@@ -1,0 +1,31 @@
+"""What a loss declares about itself, so the training module can build the heads and batches it needs
+without ever naming a specific loss."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+KINDS = ("classification", "embedding")
+
+
+class Loss(nn.Module):
+    """Base class of every LossLab objective.
+
+    ``kind = "classification"``: ``forward(logits [N, C], target [N] long or [N, C] probabilities)``.
+    ``kind = "embedding"``: ``forward(embeddings [N, D] or [N, V, D], labels [N] or None)``.
+    ``n_views``: how many augmented views of each image a training batch must carry.
+    ``needs_labels``: False for self-supervised objectives (labels are then not passed).
+    ``accepts_soft_targets``: whether a classification loss takes ``[N, C]`` probability targets.
+    """
+
+    kind: ClassVar[str] = "classification"
+    n_views: ClassVar[int] = 1
+    needs_labels: ClassVar[bool] = True
+    accepts_soft_targets: ClassVar[bool] = False
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        """Counters a loss wants logged next to its value (e.g. anchors that had no positive)."""
+        return {}

@@ -1,0 +1,165 @@
+"""The one LightningModule: backbone → features → heads → loss, with the same metrics for every loss.
+
+It never names a specific loss. It reads what the loss declares (:class:`losslab.losses.base.Loss`):
+a ``classification`` loss gets a linear head's logits; an ``embedding`` loss gets a projection head's
+embeddings (``[N, V, D]`` for multi-view batches), while an online linear probe on detached features
+(solo-learn's protocol) gives accuracy and calibration for it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from losslab.losses.base import KINDS, Loss
+
+
+class NegativeLogLikelihood(Metric):
+    """Mean ``-log softmax(z)_y`` over the epoch."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.total += F.cross_entropy(logits.float(), target, reduction="sum").double()
+        self.count += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
+class StageMetrics(nn.Module):
+    """Top-1, top-5 (more than 5 classes), NLL and 15-bin ECE for one stage (train, val or test)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.probability_metrics = nn.ModuleDict(
+            {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
+        )
+        if num_classes > 5:
+            self.probability_metrics["acc_top5"] = MulticlassAccuracy(
+                num_classes, top_k=5, average="micro", validate_args=False
+            )
+        self.probability_metrics["ece"] = MulticlassCalibrationError(
+            num_classes, n_bins=15, norm="l1", validate_args=False
+        )
+        self.nll = NegativeLogLikelihood()
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits = logits.detach().float()
+        probabilities = logits.softmax(dim=-1)
+        for metric in self.probability_metrics.values():
+            metric.update(probabilities, target)
+        self.nll.update(logits, target)
+
+    def items(self) -> dict[str, Metric]:
+        return {**self.probability_metrics, "nll": self.nll}
+
+
+class Objective(L.LightningModule):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        loss: Loss,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., dict[str, Any]] | None = None,
+        projection_dim: int = 128,
+        projection_hidden_dim: int | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if loss.kind not in KINDS:
+            raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
+        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer", "scheduler"])
+        self.backbone = backbone
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.channels_last = channels_last
+        feature_dim = backbone.feature_dim
+        # The classifier for a classification loss; the online probe (on detached features) otherwise.
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.projector: nn.Module | None = None
+        if loss.kind == "embedding":
+            hidden = projection_hidden_dim or feature_dim
+            self.projector = nn.Sequential(
+                nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim)
+            )
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": StageMetrics(num_classes) for stage in ("train", "val", "test")})
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits for ``[B, C, H, W]`` images (the probe's, for embedding losses)."""
+        return self.head(self.features(images))
+
+    def _flatten_views(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if images.dim() == 5:
+            n_views = images.shape[1]
+            return images.flatten(0, 1), target.repeat_interleave(n_views, dim=0), n_views
+        return images, target, 1
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, target = batch
+        batch_size = images.shape[0]
+        flat_images, flat_target, n_views = self._flatten_views(images, target)
+        features = self.features(flat_images)
+        hard_target = flat_target.argmax(dim=-1) if flat_target.is_floating_point() else flat_target
+        if self.loss.kind == "classification":
+            logits = self.head(features)
+            loss = self.loss(logits, flat_target)
+            total = loss
+        else:
+            embeddings = self.projector(features)
+            if n_views > 1:
+                embeddings = embeddings.view(batch_size, n_views, -1)
+            loss = self.loss(embeddings, target if self.loss.needs_labels else None)
+            logits = self.head(features.detach())
+            probe_loss = F.cross_entropy(logits.float(), hard_target)
+            self.log(f"{stage}/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=batch_size)
+            total = loss + probe_loss
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size,
+                 prog_bar=stage != "test")
+        for name, value in self.loss.extra_metrics().items():
+            self.log(f"{stage}/{name}", value.float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                     sync_dist=True, batch_size=batch_size)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(logits, hard_target)
+        self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
+                      on_step=False, on_epoch=True, batch_size=batch_size)
+        return total
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps_per_epoch = max(1, total_steps // max_epochs)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

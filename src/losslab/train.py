@@ -1,0 +1,262 @@
+"""``losslab-train`` / ``python scripts/train.py``: compose, validate, instantiate, fit, test, record.
+
+Everything a run does is visible in the composed config (``--cfg job`` prints it without running).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from losslab.errors import ConfigError, LossLabError
+from losslab.losses.base import Loss
+from losslab.objective import Objective
+from losslab.recording import (
+    EpochRecorder,
+    count_parameters,
+    git_state,
+    package_versions,
+    peak_memory_mb,
+    write_atomic,
+    write_json_atomic,
+)
+
+log = logging.getLogger("losslab")
+
+EVAL_CHECKPOINTS = ("best", "last")
+
+
+def config_dir() -> str:
+    """``$LOSSLAB_CONFIG_DIR``, else the checkout's ``configs/`` (editable install), else the copy
+    packaged inside the wheel."""
+    here = Path(__file__).resolve().parent
+    candidates = [os.environ.get("LOSSLAB_CONFIG_DIR"), here.parents[1] / "configs", here / "configs"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"LossLab's configs/ not found (looked in {[str(c) for c in candidates if c]})")
+
+
+def _instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
+    """Instantiate one config group, turning constructor errors into errors that name the option."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except LossLabError:
+        raise
+    except Exception as error:  # Hydra wraps the real cause; show it, named by its option.
+        cause = error.__cause__ or error
+        if isinstance(cause, LossLabError):
+            raise cause from None
+        raise ConfigError(f"{option} ({node.get('_target_', '?')}): {cause}") from error
+
+
+def _choices() -> dict[str, str]:
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/") and v}
+
+
+def check_compatible(loss: Loss, datamodule: Any, backbone_name: str, choices: dict[str, str]) -> None:
+    """Combinations that cannot work, rejected before any training, naming both choices."""
+    loss_name, dataset_name = choices.get("loss", type(loss).__name__), choices.get("dataset", datamodule.name)
+    if loss.kind == "embedding" and datamodule.batch_size * max(datamodule.n_views, loss.n_views) < 2:
+        raise ConfigError(
+            f"loss={loss_name} compares samples within a batch, but dataset={dataset_name} has "
+            f"dataset.batch_size={datamodule.batch_size}; use a batch size >= 2"
+        )
+    if datamodule.sampler == "m_per_class" and loss.kind == "classification" and not loss.needs_labels:
+        raise ConfigError(f"dataset.sampler=m_per_class groups by label, but loss={loss_name} uses no labels")
+    if datamodule.num_classes < 2:
+        raise ConfigError(f"dataset={dataset_name} has {datamodule.num_classes} class; at least 2 are needed")
+
+
+def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
+    """Instantiate data, model and trainer from a composed config."""
+    choices = _choices()
+    run_dir = Path(cfg.paths.output_dir)
+    loss: Loss = _instantiate(cfg.loss, "loss")
+    datamodule = _instantiate(cfg.dataset, "dataset")
+    datamodule.n_views = max(datamodule.n_views, loss.n_views)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
+    check_compatible(loss, datamodule, backbone_name, choices)
+    try:
+        backbone = hydra.utils.instantiate(
+            cfg.backbone, in_channels=datamodule.num_channels, image_size=datamodule.image_size
+        )
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise ConfigError(
+            f"backbone={backbone_name} cannot be built for dataset={choices.get('dataset', datamodule.name)} "
+            f"({datamodule.num_channels}x{datamodule.image_size}x{datamodule.image_size} images): {cause}"
+        ) from error
+    module = Objective(
+        backbone=backbone,
+        loss=loss,
+        num_classes=datamodule.num_classes,
+        optimizer=_instantiate(cfg.optimizer, "optimizer"),
+        scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+        **cfg.objective,
+    )
+    callbacks = [_instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    recorder = EpochRecorder(run_dir)
+    loggers = [_instantiate(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, recorder], logger=loggers or False)
+    return datamodule, module, trainer, recorder
+
+
+def _validate(cfg: DictConfig) -> None:
+    if cfg.eval_checkpoint not in EVAL_CHECKPOINTS:
+        raise ConfigError(f"eval_checkpoint={cfg.eval_checkpoint!r}: allowed values are {', '.join(EVAL_CHECKPOINTS)}")
+    if cfg.num_threads is not None and (not isinstance(cfg.num_threads, int) or cfg.num_threads < 1):
+        raise ConfigError(f"num_threads={cfg.num_threads!r}: must be null or an integer >= 1")
+    has_val = cfg.dataset.get("val_fraction", 0) > 0
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if checkpoint is not None and not has_val and checkpoint.get("monitor"):
+        # Without a validation split there is nothing to select on: keep only the last checkpoint.
+        with open_dict(cfg):
+            checkpoint.monitor = None
+            checkpoint.save_top_k = 0
+
+
+def _evaluation_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    checkpoint = trainer.checkpoint_callback
+    if trainer.fast_dev_run or checkpoint is None:
+        return None
+    if cfg.eval_checkpoint == "best" and checkpoint.best_model_path:
+        return checkpoint.best_model_path
+    return checkpoint.last_model_path or None
+
+
+def _metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    merged = {k: float(v) for r in results for k, v in r.items()}
+    return {k.removeprefix(prefix): v for k, v in sorted(merged.items()) if k.startswith(prefix)}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment and return what was written to ``results.json``."""
+    started = time.time()
+    _validate(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule, module, trainer, recorder = build(cfg)
+    resume_from = None
+    if cfg.resume:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            resume_from = str(last)
+            log.info("resuming from %s", last)
+        else:
+            log.warning("resume=true but %s does not exist: starting from scratch", last)
+
+    fit_started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit_seconds = time.perf_counter() - fit_started
+
+    checkpoint = _evaluation_checkpoint(cfg, trainer)
+    val_results = trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+
+    checkpoint_callback = trainer.checkpoint_callback
+    best_epoch = None
+    monitor = getattr(checkpoint_callback, "monitor", None)
+    if monitor and recorder.rows:
+        scored = [row for row in recorder.rows if row.get(monitor) == row.get(monitor)]
+        if scored:
+            pick = max if checkpoint_callback.mode == "max" else min
+            best_epoch = pick(scored, key=lambda row: row[monitor])["epoch"]
+    epoch_times = recorder.epoch_times
+    results = {
+        "status": "completed",
+        "run_name": cfg.run_name,
+        "run_dir": str(run_dir),
+        "seed": cfg.seed,
+        "tags": list(cfg.tags),
+        "choices": _choices(),
+        "val": _metrics(val_results, "val/"),
+        "test": _metrics(test_results, "test/"),
+        "best_epoch": best_epoch,
+        "monitor": monitor,
+        "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "final weights",
+        "epochs_completed": len(recorder.rows),
+        "wall_time_s": round(time.time() - started, 3),
+        "fit_time_s": round(fit_seconds, 3),
+        "seconds_per_epoch": round(sum(epoch_times) / len(epoch_times), 3) if epoch_times else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "parameters": {**count_parameters(module), "backbone": count_parameters(module.backbone)["total"]},
+        "data": datamodule.info.as_dict() if datamodule.info else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git": git_state(Path(__file__).parent),
+        "versions": package_versions(),
+        "device": _device_name(trainer),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "results.json", results)
+        _print_summary(results)
+    return results
+
+
+def _device_name(trainer: L.Trainer) -> str:
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        return f"{torch.cuda.get_device_name(root)} x{trainer.world_size}"
+    return f"cpu ({torch.get_num_threads()} threads) x{trainer.world_size}"
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    test, val = results["test"], results["val"]
+    parts = [f"test/acc {test.get('acc', float('nan')):.4f}"]
+    if "acc" in val:
+        parts.append(f"val/acc {val['acc']:.4f}")
+    if "ece" in test:
+        parts.append(f"test/ece {test['ece']:.4f}")
+    parts.append(f"{results['epochs_completed']} epochs in {results['wall_time_s']:.0f}s")
+    parts.append(f"({results['seconds_per_epoch'] or 0:.1f}s/epoch)")
+    Console(stderr=False).print(f"[bold]LossLab[/bold] {results['choices'].get('loss', '')} · " +
+                                " · ".join(parts) + f" → {results['run_dir']}/results.json", highlight=False)
+
+
+def _report_user_error(error: LossLabError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_entry(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except LossLabError as error:
+        if cfg.get("debug_traceback"):
+            raise
+        _report_user_error(error)
+        sys.exit(2)
+    return results["val"].get("acc")
+
+
+def main() -> None:
+    """Console entry point (``losslab-train``); same arguments as ``python scripts/train.py``."""
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Writers of tiny datasets in the real on-disk formats, for tests that must not download anything.
+
+Each ``write_<dataset>(root, n_train=20, n_test=10)`` creates the dataset's usual folder below ``root`` (so
+``root`` is what you pass as ``data_dir``) and returns a :class:`Fake` holding exactly what a correct reader
+returns: images as uint8 [N, C, H, W] and labels as int64, in file order. Pixel values are random (seeded), so
+a reader that mixes up axes, orientation or image order gets different arrays. Tiny-ImageNet is JPEG, hence
+lossy: compare with a tolerance of a few grey levels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]  # fmt: skip
+
+
+class Fake(NamedTuple):
+    train_images: np.ndarray  # uint8 [N, C, H, W]
+    train_labels: np.ndarray  # int64 [N]
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+    directory: Path  # the folder holding the files
+
+
+def _split(rng: np.random.Generator, n: int, shape: tuple[int, ...], num_classes: int):
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)  # every class when n >= num_classes
+    return images, labels
+
+
+# ---- IDX: Fashion-MNIST, MNIST, KMNIST ---------------------------------------------------------------------
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """One IDX file of unsigned bytes; gzipped when the name ends in .gz."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes((0, 0, 0x08, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_idx_dataset(
+    directory: str | Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0,
+    classes: list[str] | None = None,
+) -> Fake:  # fmt: skip
+    """The four MNIST-style IDX files directly in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train, test = _split(rng, n_train, (1, 28, 28), 10), _split(rng, n_test, (1, 28, 28), 10)
+    suffix = ".gz" if gz else ""
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images[:, 0])
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return Fake(*train, *test, classes or [str(i) for i in range(10)], directory)
+
+
+def write_fashion_mnist(
+    root: str | Path, n_train: int = 20, n_test: int = 10, subdir: str = "fashion-mnist"
+) -> Fake:
+    return write_idx_dataset(Path(root) / subdir, n_train, n_test, seed=1, classes=FASHION_CLASSES)
+
+
+def write_mnist(root: str | Path, n_train: int = 20, n_test: int = 10, subdir: str = "mnist") -> Fake:
+    return write_idx_dataset(Path(root) / subdir, n_train, n_test, seed=2)
+
+
+def write_kmnist(root: str | Path, n_train: int = 20, n_test: int = 10, subdir: str = "kmnist") -> Fake:
+    kmnist = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+    return write_idx_dataset(Path(root) / subdir, n_train, n_test, seed=3, classes=kmnist)
+
+
+# ---- CIFAR (python pickles, as written by Python 2: bytes keys and names, protocol 2) ----------------------
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar10(root: str | Path, n_train: int = 20, n_test: int = 10) -> Fake:
+    """cifar-10-batches-py/ with five training batches, test_batch and batches.meta."""
+    directory = Path(root) / "cifar-10-batches-py"
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(10)
+    train, test = _split(rng, n_train, (3, 32, 32), 10), _split(rng, n_test, (3, 32, 32), 10)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    batches = np.array_split(np.arange(n_train), 5)
+    for i, idx in enumerate(batches, 1):
+        _pickle(directory / f"data_batch_{i}", {
+            b"batch_label": f"training batch {i} of 5".encode(),
+            b"labels": [int(v) for v in train[1][idx]],
+            b"data": train[0][idx].reshape(len(idx), 3072),
+            b"filenames": [f"img_{j}.png".encode() for j in idx],
+        })  # fmt: skip
+    _pickle(directory / "test_batch", {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": [int(v) for v in test[1]],
+        b"data": test[0].reshape(n_test, 3072),
+        b"filenames": [f"test_{j}.png".encode() for j in range(n_test)],
+    })  # fmt: skip
+    _pickle(directory / "batches.meta", {
+        b"num_cases_per_batch": 10000, b"label_names": [c.encode() for c in classes], b"num_vis": 3072,
+    })  # fmt: skip
+    return Fake(*train, *test, classes, directory)
+
+
+def write_cifar100(root: str | Path, n_train: int = 20, n_test: int = 10) -> Fake:
+    """cifar-100-python/ with train, test and meta (fine and coarse labels)."""
+    directory = Path(root) / "cifar-100-python"
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(100)
+    train, test = _split(rng, n_train, (3, 32, 32), 100), _split(rng, n_test, (3, 32, 32), 100)
+    fine = [f"fine_{i:02d}" for i in range(100)]
+    for name, (images, labels) in (("train", train), ("test", test)):
+        _pickle(directory / name, {
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(len(labels))],
+            b"batch_label": f"{name}ing batch 1 of 1".encode(),
+            b"fine_labels": [int(v) for v in labels],
+            b"coarse_labels": [int(v) // 5 for v in labels],
+            b"data": images.reshape(len(images), 3072),
+        })  # fmt: skip
+    _pickle(directory / "meta", {
+        b"fine_label_names": [c.encode() for c in fine],
+        b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)],
+    })  # fmt: skip
+    return Fake(*train, *test, fine, directory)
+
+
+# ---- SVHN (.mat, X as [32, 32, 3, N], digit 0 stored as label 10) ------------------------------------------
+
+
+def write_svhn(root: str | Path, n_train: int = 20, n_test: int = 10, subdir: str = "svhn") -> Fake:
+    from scipy.io import savemat
+
+    directory = Path(root) / subdir
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    train, test = _split(rng, n_train, (3, 32, 32), 10), _split(rng, n_test, (3, 32, 32), 10)
+    for name, (images, labels) in (("train", train), ("test", test)):
+        stored = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
+        savemat(directory / f"{name}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": stored})
+    return Fake(*train, *test, [str(i) for i in range(10)], directory)
+
+
+# ---- STL-10 (binary; each channel column-major, labels 1..10) ----------------------------------------------
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def write_stl10(root: str | Path, n_train: int = 20, n_test: int = 10, class_names: bool = True) -> Fake:
+    directory = Path(root) / "stl10_binary"
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(96)
+    train, test = _split(rng, n_train, (3, 96, 96), 10), _split(rng, n_test, (3, 96, 96), 10)
+    for name, (images, labels) in (("train", train), ("test", test)):
+        (directory / f"{name}_X.bin").write_bytes(
+            np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tobytes()
+        )
+        (directory / f"{name}_y.bin").write_bytes((labels + 1).astype(np.uint8).tobytes())
+    if class_names:
+        (directory / "class_names.txt").write_text("".join(f"{c}\n" for c in STL10_CLASSES))
+    return Fake(*train, *test, list(STL10_CLASSES), directory)
+
+
+# ---- Tiny-ImageNet-200 (JPEG folders) ----------------------------------------------------------------------
+
+TINY_WNIDS = ["n02124075", "n01443537", "n04067472"]  # deliberately unsorted: labels follow wnids.txt order
+TINY_WORDS = {"n01443537": "goldfish, Carassius auratus", "n02124075": "Egyptian cat", "n04067472": "reel",
+              "n09999999": "unused entry"}  # fmt: skip
+
+
+def _two_tone(rng: np.random.Generator, grey: bool) -> np.ndarray:
+    """64x64 RGB image, top half one colour and bottom half another: JPEG keeps flat blocks nearly exact and
+    the halves catch a transposed or flipped decode."""
+    top, bottom = rng.integers(16, 240, size=(2, 1 if grey else 3))
+    image = np.empty((3, 64, 64), np.uint8)
+    image[:, :32], image[:, 32:] = top[:, None, None], bottom[:, None, None]
+    return image
+
+
+def _save_jpeg(path: Path, image: np.ndarray, grey: bool) -> None:
+    from PIL import Image
+
+    if grey:
+        Image.fromarray(image[0]).save(path, format="JPEG", quality=95)
+    else:
+        Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(
+            path, format="JPEG", quality=95, subsampling=0
+        )
+
+
+def write_tiny_imagenet(root: str | Path, n_train: int = 20, n_test: int = 10) -> Fake:
+    """tiny-imagenet-200/ with wnids.txt, words.txt, train/<wnid>/images, val/images with
+    val_annotations.txt, and an unlabelled test/ folder. Training images go to the classes in turn; the first
+    is greyscale, as some real ones are. Expected training order is the reader's: by wnids.txt, then by file
+    name (so _10 before _2). Needs n_train >= 3 (one image per class)."""
+    directory = Path(root) / "tiny-imagenet-200"
+    rng = np.random.default_rng(200)
+    (directory / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (directory / "test" / "images").mkdir(parents=True, exist_ok=True)
+    (directory / "wnids.txt").write_text("".join(f"{w}\n" for w in TINY_WNIDS))
+    (directory / "words.txt").write_text("".join(f"{w}\t{name}\n" for w, name in TINY_WORDS.items()))
+
+    assert n_train >= len(TINY_WNIDS), "the reader rejects a class without training images"
+    for wnid in TINY_WNIDS:
+        (directory / "train" / wnid / "images").mkdir(parents=True, exist_ok=True)
+    train: dict[str, np.ndarray] = {}  # "label/file name" -> image
+    for i in range(n_train):
+        label = i % len(TINY_WNIDS)
+        wnid = TINY_WNIDS[label]
+        image_dir = directory / "train" / wnid / "images"
+        name = f"{wnid}_{i // len(TINY_WNIDS)}.JPEG"
+        train[f"{label}/{name}"] = image = _two_tone(rng, grey=i == 0)
+        _save_jpeg(image_dir / name, image, grey=i == 0)
+    for wnid in TINY_WNIDS:
+        names = sorted(p.name for p in (directory / "train" / wnid / "images").glob("*.JPEG"))
+        boxes = "".join(f"{n}\t0\t0\t63\t63\n" for n in names)
+        (directory / "train" / wnid / f"{wnid}_boxes.txt").write_text(boxes)
+    order = sorted(train, key=lambda k: (int(k.split("/")[0]), k.split("/")[1]))
+
+    test_images, test_labels, annotations = [], [], []
+    for j in range(n_test):
+        label = int(rng.integers(0, len(TINY_WNIDS)))
+        image = _two_tone(rng, False)
+        _save_jpeg(directory / "val" / "images" / f"val_{j}.JPEG", image, False)
+        test_images.append(image)
+        test_labels.append(label)
+        annotations.append(f"val_{j}.JPEG\t{TINY_WNIDS[label]}\t1\t2\t60\t61\n")
+    (directory / "val" / "val_annotations.txt").write_text("".join(annotations))
+    _save_jpeg(directory / "test" / "images" / "test_0.JPEG", _two_tone(rng, False), False)
+
+    classes = [TINY_WORDS[w].split(",")[0] for w in TINY_WNIDS]
+    return Fake(
+        np.stack([train[k] for k in order]), np.array([int(k.split("/")[0]) for k in order], np.int64),
+        np.stack(test_images), np.array(test_labels, np.int64),
+        classes, directory,
+    )  # fmt: skip
+
+
+WRITERS = {
+    "fashion_mnist": write_fashion_mnist,
+    "mnist": write_mnist,
+    "kmnist": write_kmnist,
+    "cifar10": write_cifar10,
+    "cifar100": write_cifar100,
+    "svhn": write_svhn,
+    "stl10": write_stl10,
+    "tiny_imagenet": write_tiny_imagenet,
+}
+"""Dataset name -> writer(root); every dataset except digits, which ships inside scikit-learn."""
