@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -105,10 +107,6 @@ class EpochRecorder(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
 
-    @property
-    def epoch_times(self) -> list[float]:
-        return [row["epoch_time_s"] for row in self.rows]
-
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
@@ -150,3 +148,29 @@ def count_parameters(module: torch.nn.Module) -> dict[str, int]:
         "total": sum(p.numel() for p in module.parameters()),
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
     }
+
+
+class RandomState(Callback):
+    """Saves the random generators' states in checkpoints and restores them on resume, so dropout and
+    anything else drawing from the global generators continues exactly as in an uninterrupted run."""
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain tensors and lists only, so checkpoints stay loadable with torch.load(weights_only=True).
+        version, key, position, has_gauss, cached_gaussian = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [version, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached_gaussian],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        version, key, position, has_gauss, cached_gaussian = state_dict["numpy"]
+        np.random.set_state((version, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from losslab.errors import ConfigError, LossLabError
@@ -24,6 +25,7 @@ from losslab.losses.base import Loss
 from losslab.objective import Objective
 from losslab.recording import (
     EpochRecorder,
+    RandomState,
     count_parameters,
     git_state,
     package_versions,
@@ -110,10 +112,12 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         **cfg.objective,
     )
-    callbacks = [_instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    callbacks = [
+        _instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
+    ]
     recorder = EpochRecorder(run_dir)
-    loggers = [_instantiate(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, recorder], logger=loggers or False)
+    loggers = [_instantiate(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, recorder, RandomState()], logger=loggers or False)
     return datamodule, module, trainer, recorder
 
 
@@ -122,22 +126,35 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval_checkpoint={cfg.eval_checkpoint!r}: allowed values are {', '.join(EVAL_CHECKPOINTS)}")
     if cfg.num_threads is not None and (not isinstance(cfg.num_threads, int) or cfg.num_threads < 1):
         raise ConfigError(f"num_threads={cfg.num_threads!r}: must be null or an integer >= 1")
-    has_val = cfg.dataset.get("val_fraction", 0) > 0
-    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
-    if checkpoint is not None and not has_val and checkpoint.get("monitor"):
-        # Without a validation split there is nothing to select on: keep only the last checkpoint.
+    callbacks = cfg.get("callbacks") or {}
+    if cfg.dataset.get("val_fraction", 0) <= 0 and callbacks.get("best_checkpoint"):
+        # Without a validation split there is nothing to select on: only last.ckpt is kept.
         with open_dict(cfg):
-            checkpoint.monitor = None
-            checkpoint.save_top_k = 0
+            del callbacks["best_checkpoint"]
+        if cfg.eval_checkpoint == "best":
+            log.warning("dataset.val_fraction=0: no validation split, so eval_checkpoint=best uses the last weights")
+
+
+def _checkpoints(trainer: L.Trainer) -> tuple[ModelCheckpoint | None, ModelCheckpoint | None]:
+    """(the callback keeping the best checkpoint by its monitor, the one keeping the latest)."""
+    best = last = None
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            if callback.monitor and best is None:
+                best = callback
+            elif not callback.monitor and last is None:
+                last = callback
+    return best, last
 
 
 def _evaluation_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
-    checkpoint = trainer.checkpoint_callback
-    if trainer.fast_dev_run or checkpoint is None:
+    """The checkpoint the final validation and test use; None means the weights in memory (the last)."""
+    if trainer.fast_dev_run:
         return None
-    if cfg.eval_checkpoint == "best" and checkpoint.best_model_path:
-        return checkpoint.best_model_path
-    return checkpoint.last_model_path or None
+    best, _ = _checkpoints(trainer)
+    if cfg.eval_checkpoint == "best" and best is not None and best.best_model_path:
+        return best.best_model_path
+    return None
 
 
 def _metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
@@ -169,20 +186,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - fit_started
+    # Evaluating from a checkpoint restores callback state too: keep the epoch rows of the full run.
+    epoch_rows = list(recorder.rows)
 
     checkpoint = _evaluation_checkpoint(cfg, trainer)
     val_results = trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
 
-    checkpoint_callback = trainer.checkpoint_callback
+    best_callback, _ = _checkpoints(trainer)
     best_epoch = None
-    monitor = getattr(checkpoint_callback, "monitor", None)
-    if monitor and recorder.rows:
-        scored = [row for row in recorder.rows if row.get(monitor) == row.get(monitor)]
+    monitor = best_callback.monitor if best_callback else None
+    if monitor and epoch_rows:
+        scored = [row for row in epoch_rows if row.get(monitor) == row.get(monitor)]
         if scored:
-            pick = max if checkpoint_callback.mode == "max" else min
+            pick = max if best_callback.mode == "max" else min
             best_epoch = pick(scored, key=lambda row: row[monitor])["epoch"]
-    epoch_times = recorder.epoch_times
+    epoch_times = [row["epoch_time_s"] for row in epoch_rows]
     results = {
         "status": "completed",
         "run_name": cfg.run_name,
@@ -194,8 +213,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": _metrics(test_results, "test/"),
         "best_epoch": best_epoch,
         "monitor": monitor,
-        "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "final weights",
-        "epochs_completed": len(recorder.rows),
+        "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "last weights",
+        "epochs_completed": len(epoch_rows),
         "wall_time_s": round(time.time() - started, 3),
         "fit_time_s": round(fit_seconds, 3),
         "seconds_per_epoch": round(sum(epoch_times) / len(epoch_times), 3) if epoch_times else None,

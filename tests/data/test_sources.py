@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-import fake_formats as ff  # tests/data is on sys.path (pytest's rootdir-relative "prepend" import mode)
+import fake_formats as ff  # tests/ is on sys.path: pytest prepends the rootdir conftest.py's folder
 import pytest
 import torch
 

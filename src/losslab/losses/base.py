@@ -11,6 +11,12 @@ from torch import nn
 KINDS = ("classification", "embedding")
 
 
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 inputs are computed in float32 (softmax and log-sum-exp overflow in half precision);
+    float32 and float64 are kept, so gradient checks can run in float64."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 class Loss(nn.Module):
     """Base class of every LossLab objective.
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from losslab.errors import ConfigError
-from losslab.losses.base import Loss
+from losslab.losses.base import Loss, upcast
 
 
 class CrossEntropy(Loss):
@@ -15,7 +15,8 @@ class CrossEntropy(Loss):
     accepts_soft_targets = True
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target.float() if target.is_floating_point() else target)
+        logits = upcast(logits)
+        return F.cross_entropy(logits, target.to(logits.dtype) if target.is_floating_point() else target)
 
 
 class LabelSmoothing(Loss):
@@ -31,8 +32,8 @@ class LabelSmoothing(Loss):
         self.epsilon = epsilon
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        logits = upcast(logits)
         if not target.is_floating_point():
             return F.cross_entropy(logits, target, label_smoothing=self.epsilon)
-        smoothed = (1.0 - self.epsilon) * target.float() + self.epsilon / logits.shape[-1]
+        smoothed = (1.0 - self.epsilon) * target.to(logits.dtype) + self.epsilon / logits.shape[-1]
         return F.cross_entropy(logits, smoothed)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from losslab.errors import ConfigError
-from losslab.losses.base import Loss
+from losslab.losses.base import Loss, upcast
 
 
 def _flatten_views(embeddings: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ class SupCon(Loss):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = _flatten_views(embeddings, labels)
-        features = F.normalize(features.float(), dim=-1)
+        features = F.normalize(upcast(features), dim=-1)
         n = features.shape[0]
         self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
         logits = (features @ features.T / self.temperature).masked_fill(self_mask, float("-inf"))

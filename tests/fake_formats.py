@@ -258,3 +258,22 @@ WRITERS = {
     "tiny_imagenet": write_tiny_imagenet,
 }
 """Dataset name -> writer(root); every dataset except digits, which ships inside scikit-learn."""
+
+
+def write_image_folder(
+    root: str | Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 6, test_dir: str = "test",
+    size: int = 20,
+) -> Path:  # fmt: skip
+    """``root/{train,<test_dir>}/<class>/<i>.png``: an ImageFolder tree of random RGB PNGs."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), (test_dir, max(2, per_class // 2))):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(size, size + 3, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
