@@ -110,3 +110,12 @@ def test_console_script_is_installed_and_shares_the_entry_point():
     done = subprocess.run([str(script), "--cfg", "job", "dataset=digits"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0 and "name: digits" in done.stdout
+
+
+def test_multirun_gives_one_run_directory_per_job(tmp_path):
+    done = _cli("-m", "loss=ce,label_smoothing", "dataset=digits", "debug=fdr", "trainer.enable_progress_bar=false",
+                f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(runs) == 2
+    assert {json.loads(r.read_text())["choices"]["loss"] for r in runs} == {"ce", "label_smoothing"}

@@ -21,4 +21,6 @@ def wandb(save_dir: str, offline: bool | None = None, **kwargs: Any) -> WandbLog
 
 def mlflow(save_dir: str, **kwargs: Any) -> MLFlowLogger:
     """MLflow with a file store under the run directory (``mlflow-skinny``, the ``mlflow`` extra)."""
+    # MLflow 3 refuses new file stores unless asked; a per-run file store is what we want here.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MLFlowLogger(tracking_uri=Path(save_dir).resolve().as_uri(), **kwargs)

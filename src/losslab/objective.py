@@ -88,6 +88,8 @@ class Objective(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
+        if channels_last:
+            backbone.to(memory_format=torch.channels_last)
         feature_dim = backbone.feature_dim
         # The classifier for a classification loss; the online probe (on detached features) otherwise.
         self.head = nn.Linear(feature_dim, num_classes)

@@ -6,6 +6,7 @@ Everything a run does is visible in the composed config (``--cfg job`` prints it
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from losslab.errors import ConfigError, LossLabError
@@ -69,7 +70,7 @@ def _choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/") and v}
 
 
-def check_compatible(loss: Loss, datamodule: Any, backbone_name: str, choices: dict[str, str]) -> None:
+def check_compatible(loss: Loss, datamodule: Any, choices: dict[str, str]) -> None:
     """Combinations that cannot work, rejected before any training, naming both choices."""
     loss_name, dataset_name = choices.get("loss", type(loss).__name__), choices.get("dataset", datamodule.name)
     if loss.kind == "embedding" and datamodule.batch_size * max(datamodule.n_views, loss.n_views) < 2:
@@ -77,8 +78,11 @@ def check_compatible(loss: Loss, datamodule: Any, backbone_name: str, choices: d
             f"loss={loss_name} compares samples within a batch, but dataset={dataset_name} has "
             f"dataset.batch_size={datamodule.batch_size}; use a batch size >= 2"
         )
-    if datamodule.sampler == "m_per_class" and loss.kind == "classification" and not loss.needs_labels:
-        raise ConfigError(f"dataset.sampler=m_per_class groups by label, but loss={loss_name} uses no labels")
+    if datamodule.sampler == "m_per_class" and not loss.needs_labels:
+        raise ConfigError(
+            f"dataset.sampler=m_per_class groups batches by label, but loss={loss_name} uses no labels; "
+            "use dataset.sampler=random"
+        )
     if datamodule.num_classes < 2:
         raise ConfigError(f"dataset={dataset_name} has {datamodule.num_classes} class; at least 2 are needed")
 
@@ -93,7 +97,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
-    check_compatible(loss, datamodule, backbone_name, choices)
+    check_compatible(loss, datamodule, choices)
     try:
         backbone = hydra.utils.instantiate(
             cfg.backbone, in_channels=datamodule.num_channels, image_size=datamodule.image_size
@@ -115,6 +119,8 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     callbacks = [
         _instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
     ]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     recorder = EpochRecorder(run_dir)
     loggers = [_instantiate(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node]
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, recorder, RandomState()], logger=loggers or False)
@@ -197,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_epoch = None
     monitor = best_callback.monitor if best_callback else None
     if monitor and epoch_rows:
-        scored = [row for row in epoch_rows if row.get(monitor) == row.get(monitor)]
+        scored = [row for row in epoch_rows if monitor in row and not math.isnan(row[monitor])]
         if scored:
             pick = max if best_callback.mode == "max" else min
             best_epoch = pick(scored, key=lambda row: row[monitor])["epoch"]
