@@ -39,6 +39,35 @@ class NegativeLogLikelihood(Metric):
         return (self.total / self.count).float()
 
 
+class ReliabilityBins(Metric):
+    """Per confidence bin (equal width): sample count, summed confidence and summed correctness — the data
+    of a reliability diagram (Guo et al. 2017), kept in results.json for the report."""
+
+    full_state_update = False
+
+    def __init__(self, n_bins: int = 15) -> None:
+        super().__init__()
+        self.n_bins = n_bins
+        for name in ("count", "confidence", "correct"):
+            self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
+        confidence, prediction = probabilities.max(dim=-1)
+        # Bin b holds confidences in (b/n, (b+1)/n], as torchmetrics' calibration error does.
+        index = (torch.ceil(confidence * self.n_bins).long() - 1).clamp(0, self.n_bins - 1)
+        self.count.index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
+        self.confidence.index_add_(0, index, confidence.double())
+        self.correct.index_add_(0, index, (prediction == target).double())
+
+    def compute(self) -> dict[str, list[float]]:
+        return {
+            "bin_upper_edges": [(b + 1) / self.n_bins for b in range(self.n_bins)],
+            "count": self.count.tolist(),
+            "mean_confidence": (self.confidence / self.count.clamp_min(1)).tolist(),
+            "accuracy": (self.correct / self.count.clamp_min(1)).tolist(),
+        }
+
+
 class StageMetrics(nn.Module):
     """Top-1, top-5 (more than 5 classes), NLL and 15-bin ECE for one stage (train, val or test)."""
 
@@ -55,13 +84,16 @@ class StageMetrics(nn.Module):
             num_classes, n_bins=15, norm="l1", validate_args=False
         )
         self.nll = NegativeLogLikelihood()
+        self.reliability = ReliabilityBins(n_bins=15)
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, reliability: bool = False) -> None:
         logits = logits.detach().float()
         probabilities = logits.softmax(dim=-1)
         for metric in self.probability_metrics.values():
             metric.update(probabilities, target)
         self.nll.update(logits, target)
+        if reliability:
+            self.reliability.update(probabilities, target)
 
     def items(self) -> dict[str, Metric]:
         return {**self.probability_metrics, "nll": self.nll}
@@ -99,6 +131,8 @@ class Objective(L.LightningModule):
             self.projector = nn.Sequential(
                 nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim)
             )
+        # Reliability-diagram data of the latest val and test epochs (see ReliabilityBins).
+        self.reliability: dict[str, dict[str, list[float]]] = {}
         self.metrics = nn.ModuleDict({f"{stage}_metrics": StageMetrics(num_classes) for stage in ("train", "val", "test")})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -142,7 +176,7 @@ class Objective(L.LightningModule):
             self.log(f"{stage}/{name}", value.float(), on_step=False, on_epoch=True, reduce_fx="sum",
                      sync_dist=True, batch_size=batch_size)
         metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(logits, hard_target)
+        metrics.update(logits, hard_target, reliability=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=batch_size)
         return total
@@ -155,6 +189,17 @@ class Objective(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def _store_reliability(self, stage: str) -> None:
+        reliability = self.metrics[f"{stage}_metrics"].reliability
+        self.reliability[stage] = reliability.compute()
+        reliability.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._store_reliability("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._store_reliability("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

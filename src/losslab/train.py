@@ -5,6 +5,7 @@ Everything a run does is visible in the composed config (``--cfg job`` prints it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from losslab.errors import ConfigError, LossLabError
 from losslab.losses.base import Loss
 from losslab.objective import Objective
+from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
 from losslab.recording import (
     EpochRecorder,
     RandomState,
@@ -38,6 +40,7 @@ from losslab.recording import (
 log = logging.getLogger("losslab")
 
 EVAL_CHECKPOINTS = ("best", "last")
+RESUME_MODES = ("auto", True, False)
 
 
 def config_dir() -> str:
@@ -132,6 +135,12 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval_checkpoint={cfg.eval_checkpoint!r}: allowed values are {', '.join(EVAL_CHECKPOINTS)}")
     if cfg.num_threads is not None and (not isinstance(cfg.num_threads, int) or cfg.num_threads < 1):
         raise ConfigError(f"num_threads={cfg.num_threads!r}: must be null or an integer >= 1")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume={cfg.resume!r}: allowed values are auto, true, false")
+    if not str(cfg.optimized_metric).startswith("val/"):
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric!r}: sweeps may only select on validation metrics (val/...)"
+        )
     callbacks = cfg.get("callbacks") or {}
     if cfg.dataset.get("val_fraction", 0) <= 0 and callbacks.get("best_checkpoint"):
         # Without a validation split there is nothing to select on: only last.ckpt is kept.
@@ -168,27 +177,61 @@ def _metrics(results: list[dict[str, float]], prefix: str) -> dict[str, float]:
     return {k.removeprefix(prefix): v for k, v in sorted(merged.items()) if k.startswith(prefix)}
 
 
+def _share_the_machine(cfg: DictConfig) -> None:
+    """Parallel sweep jobs split the cores between them (and take one GPU each) instead of fighting."""
+    jobs = parallel_jobs()
+    threads = cfg.num_threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if jobs > 1 and torch.cuda.is_available() and cfg.trainer.get("devices") in (1, "auto"):
+        with open_dict(cfg):
+            cfg.trainer.devices = [job_number() % torch.cuda.device_count()]
+
+
+def _previous_run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(results of an identical completed run to return instead of training, checkpoint to resume from)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    results_path = run_dir / "results.json"
+    if cfg.skip_completed and results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        if previous.get("status") == "completed" and same_run(previous.get("config", {}), config):
+            return previous, None
+        log.warning("%s holds results of a different config: running again", results_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume is False:
+        return None, None
+    if not last.is_file():
+        if cfg.resume is True:
+            log.warning("resume=true but %s does not exist: starting from scratch", last)
+        return None, None
+    saved = load_resolved(run_dir / "config.yaml")
+    if cfg.resume == "auto" and (saved is None or not same_run(saved, config)):
+        log.warning("%s belongs to a different config: starting from scratch (resume=true forces it)", last)
+        return None, None
+    return None, str(last)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment and return what was written to ``results.json``."""
+    """Run one experiment and return what was written to ``results.json``.
+
+    An identical completed run in the same directory is returned as it is; an interrupted one resumes
+    from its last checkpoint (``resume=auto``, the default).
+    """
     started = time.time()
     _validate(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     run_dir = Path(cfg.paths.output_dir)
+    completed, resume_from = _previous_run(cfg, run_dir)
+    if completed is not None:
+        log.info("%s: identical run already completed, skipping (skip_completed=false re-runs it)", run_dir)
+        return completed
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    _share_the_machine(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, module, trainer, recorder = build(cfg)
-    resume_from = None
-    if cfg.resume:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            resume_from = str(last)
-            log.info("resuming from %s", last)
-        else:
-            log.warning("resume=true but %s does not exist: starting from scratch", last)
-
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - fit_started
@@ -217,6 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "choices": _choices(),
         "val": _metrics(val_results, "val/"),
         "test": _metrics(test_results, "test/"),
+        "calibration": module.reliability,
         "best_epoch": best_epoch,
         "monitor": monitor,
         "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "last weights",
@@ -275,7 +319,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
             raise
         _report_user_error(error)
         sys.exit(2)
-    return results["val"].get("acc")
+    return results["val"].get(str(cfg.optimized_metric).removeprefix("val/"))
 
 
 def main() -> None:

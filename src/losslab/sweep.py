@@ -1,0 +1,157 @@
+"""Sweeps that can be stopped and launched again: what makes two runs "the same run", how parallel jobs
+share a machine, and the sweep manifest.
+
+A sweep's directory is fixed by ``sweep_name`` and each job's by its overrides
+(``hydra.job.override_dirname``), so launching the same sweep again lands every job in the directory it
+had before. There a job finds either a completed ``results.json`` with the same resolved config (it is
+skipped), or a ``last.ckpt`` of the same config (it resumes), or nothing (it starts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from losslab.recording import write_json_atomic
+
+# Config keys that name or place a run, or only change how it is launched, not what it computes.
+BOOKKEEPING_KEYS = ("run_name", "sweep_name", "resume", "skip_completed", "paths", "num_threads", "debug_traceback")
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that decides a run's result."""
+    comparable = {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}
+    trainer = dict(comparable.get("trainer") or {})
+    trainer.pop("default_root_dir", None)
+    trainer.pop("enable_progress_bar", None)
+    if trainer:
+        comparable["trainer"] = trainer
+    comparable["callbacks"] = {
+        name: node for name, node in (comparable.get("callbacks") or {}).items() if "progress" not in name
+    }
+    return comparable
+
+
+def same_run(config_a: dict[str, Any], config_b: dict[str, Any]) -> bool:
+    return json.dumps(comparable_config(config_a), sort_keys=True, default=str) == json.dumps(
+        comparable_config(config_b), sort_keys=True, default=str
+    )
+
+
+def parallel_jobs() -> int:
+    """How many jobs the launcher runs at once (1 outside a parallel launcher)."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    n_jobs = int(launcher.get("n_jobs", 1) or 1)
+    return os.cpu_count() or 1 if n_jobs < 0 else n_jobs
+
+
+def job_number() -> int:
+    if not HydraConfig.initialized():
+        return 0
+    return int(HydraConfig.get().job.get("num", 0) or 0)
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".manifest.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class SweepManifest(Callback):
+    """Keeps ``<sweep dir>/manifest.json``: every job of the sweep, its overrides and its state
+    (running, completed, skipped, failed, interrupted), updated as jobs start and end — from parallel
+    workers too (a file lock serialises the updates)."""
+
+    def _path(self, config: DictConfig) -> Path:
+        return Path(config.hydra.sweep.dir) / "manifest.json"
+
+    def _update(self, config: DictConfig, change) -> None:
+        path = self._path(config)
+        with _locked(path):
+            manifest = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+            change(manifest)
+            manifest["sweep_dir"] = str(path.parent)
+            manifest["updated_at"] = _now()
+            states = [run["state"] for run in manifest["runs"].values()]
+            manifest["counts"] = {state: states.count(state) for state in sorted(set(states))}
+            write_json_atomic(path, manifest)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        def mark_interrupted(manifest: dict) -> None:
+            for run in manifest["runs"].values():
+                if run["state"] == "running":
+                    run["state"] = "interrupted"
+            manifest["launches"] = manifest.get("launches", 0) + 1
+
+        self._update(config, mark_interrupted)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.mode).endswith("MULTIRUN"):
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        started = time.time()
+
+        def start(manifest: dict) -> None:
+            manifest["runs"][job_dir.name] = {
+                "dir": str(job_dir),
+                "overrides": list(config.hydra.overrides.task),
+                "state": "running",
+                "started_at": _now(),
+                "started_unix": started,
+            }
+
+        self._update(config, start)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not str(config.hydra.mode).endswith("MULTIRUN"):
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        results_path = job_dir / "results.json"
+
+        def finish(manifest: dict) -> None:
+            run = manifest["runs"].setdefault(job_dir.name, {"dir": str(job_dir), "started_unix": 0.0})
+            run["finished_at"] = _now()
+            if job_return.status == JobStatus.COMPLETED and results_path.is_file():
+                results = json.loads(results_path.read_text())
+                finished = datetime.fromisoformat(results["finished_at"]).timestamp()
+                run["state"] = "skipped" if finished < run.get("started_unix", 0.0) - 1 else "completed"
+                run["val"] = results.get("val", {})
+                run["test"] = results.get("test", {})
+            else:
+                run["state"] = "failed"
+                error = getattr(job_return, "_return_value", None)
+                run["error"] = repr(error)[:500] if isinstance(error, BaseException) else None
+
+        self._update(config, finish)
+
+
+def load_resolved(path: Path) -> dict[str, Any] | None:
+    """A run's saved ``config.yaml`` as a plain dict (None when missing or unreadable)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, ValueError):
+        return None
