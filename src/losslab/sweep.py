@@ -43,10 +43,15 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     return comparable
 
 
+def _fingerprint(config: dict[str, Any]) -> str:
+    text = json.dumps(comparable_config(config), sort_keys=True, default=str)
+    # Checkpoint and logger directories live inside the run directory: a moved sweep is still the same run.
+    run_dir = (config.get("paths") or {}).get("output_dir")
+    return text.replace(str(run_dir), "<run_dir>") if run_dir else text
+
+
 def same_run(config_a: dict[str, Any], config_b: dict[str, Any]) -> bool:
-    return json.dumps(comparable_config(config_a), sort_keys=True, default=str) == json.dumps(
-        comparable_config(config_b), sort_keys=True, default=str
-    )
+    return _fingerprint(config_a) == _fingerprint(config_b)
 
 
 def parallel_jobs() -> int:

@@ -39,6 +39,11 @@ from losslab.recording import (
 
 log = logging.getLogger("losslab")
 
+# paths.root_dir: the directory LossLab was launched from. Hydra's ${hydra:runtime.cwd} only resolves inside
+# a job, but launchers resolve the sweep directory (which builds on it) before any job starts.
+if not OmegaConf.has_resolver("losslab.cwd"):
+    OmegaConf.register_new_resolver("losslab.cwd", os.getcwd)
+
 EVAL_CHECKPOINTS = ("best", "last")
 RESUME_MODES = ("auto", True, False)
 

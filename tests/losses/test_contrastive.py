@@ -111,3 +111,13 @@ def test_half_precision_embeddings(views, dtype):
 def test_supcon_rejects_non_positive_temperature(temperature):
     with pytest.raises(ConfigError, match="loss.temperature"):
         SupCon(temperature)
+
+
+def test_simclr_ignores_labels_and_equals_unlabelled_supcon(views):
+    from losslab.losses import SimCLR
+
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    expected = loop_supcon(views, None, 0.5)
+    assert SimCLR()(views, labels).item() == pytest.approx(expected, rel=1e-9)
+    assert SimCLR()(views).item() == pytest.approx(expected, rel=1e-9)
+    assert SimCLR.needs_labels is False and SimCLR().temperature == 0.5

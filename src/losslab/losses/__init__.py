@@ -2,6 +2,6 @@
 
 from losslab.losses.base import Loss
 from losslab.losses.classification import CrossEntropy, LabelSmoothing
-from losslab.losses.contrastive import SupCon
+from losslab.losses.contrastive import SimCLR, SupCon
 
-__all__ = ["Loss", "CrossEntropy", "LabelSmoothing", "SupCon"]
+__all__ = ["Loss", "CrossEntropy", "LabelSmoothing", "SimCLR", "SupCon"]

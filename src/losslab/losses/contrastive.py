@@ -58,3 +58,16 @@ class SupCon(Loss):
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"anchors_without_positives": self.anchors_without_positives}
+
+
+class SimCLR(SupCon):
+    """NT-Xent of SimCLR (Chen et al. 2020, ICML, eq. 1): each view's only positive is the other view of
+    its own image; labels are never used. Equal to :class:`SupCon` with ``labels=None``."""
+
+    needs_labels = False
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__(temperature)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(embeddings, None)

@@ -12,12 +12,14 @@ from typing import Any
 
 from losslab.report import ReportError
 from losslab.report.collect import MISSING, Run, dotted
+from losslab.sweep import BOOKKEEPING_KEYS
 
-# Settings that do not change what is learned: names, paths, logging, progress display, thread count.
-# dataset.seed only seeds augmentation and follows the run's seed, which the comparison varies on purpose.
+# Settings that do not change what is learned: the keys that name, place or launch a run (as for sweeps),
+# logging and progress display, and the seeds, which the comparison varies on purpose (dataset.seed
+# follows the run's seed). optimized_metric only tells a sweeper what to read from the results.
 BOOKKEEPING = (
-    "seed", "run_name", "tags", "paths", "resume", "hydra", "debug_traceback", "logger", "num_threads",
-    "callbacks.*progress*", "trainer.enable_progress_bar", "dataset.seed",
+    *BOOKKEEPING_KEYS, "seed", "tags", "hydra", "logger", "callbacks.*progress*", "trainer.enable_progress_bar",
+    "dataset.seed", "optimized_metric",
 )
 
 
