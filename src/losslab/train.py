@@ -323,6 +323,8 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         if cfg.get("debug_traceback"):
             raise
         _report_user_error(error)
+        if str(HydraConfig.get().mode).endswith("MULTIRUN"):
+            raise  # the sweep records this job as failed and goes on with the others
         sys.exit(2)
     return results["val"].get(str(cfg.optimized_metric).removeprefix("val/"))
 
