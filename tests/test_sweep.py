@@ -46,7 +46,8 @@ def test_comparable_config_ignores_bookkeeping_only():
             "trainer": {"max_epochs": 3, "default_root_dir": "/x", "enable_progress_bar": True},
             "callbacks": {"rich_progress_bar": {}, "last_checkpoint": {"dirpath": "/x"}}}  # fmt: skip
     renamed = {**base, "run_name": "b", "paths": {"output_dir": "/y"}, "resume": True,
-               "trainer": {**base["trainer"], "default_root_dir": "/y", "enable_progress_bar": False}}  # fmt: skip
+               "trainer": {**base["trainer"], "default_root_dir": "/y", "enable_progress_bar": False},
+               "callbacks": {"last_checkpoint": {"dirpath": "/y"}}}  # fmt: skip
     assert same_run(base, renamed)
     assert not same_run(base, {**base, "seed": 1})
     assert not same_run(base, {**base, "trainer": {**base["trainer"], "max_epochs": 4}})
