@@ -1,0 +1,49 @@
+"""Each configs/loss/<key>.yaml builds its class with the paper's defaults."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
+
+PAPER_DEFAULTS = {
+    "ce": ("CrossEntropy", {}),
+    "label_smoothing": ("LabelSmoothing", {"epsilon": 0.1}),
+    "focal": ("Focal", {"gamma": 2.0}),
+    "focal_adaptive": ("FocalAdaptive", {"gamma_low": 5.0, "gamma_high": 3.0, "p_threshold": 0.2}),
+    "bce": ("BinaryCrossEntropy", {}),
+    "mae": ("MeanAbsoluteError", {}),
+    "l2svm": ("SquaredHinge", {"margin": 1.0}),
+    "poly1": ("Poly1", {"epsilon": 1.0}),
+    "poly1_focal": ("Poly1Focal", {"epsilon": 1.0, "gamma": 2.0}),
+    "comp_sum": ("CompSum", {"tau": 1.5}),
+    "zloss_spherical": ("ZLossSpherical", {"a": 1.0, "b": 1.0}),
+    "squentropy": ("Squentropy", {}),
+    "stablemax": ("StableMax", {}),
+    "encouraging": ("Encouraging", {"log_end": 0.75}),
+    "gce": ("GCE", {"q": 0.7}),
+    "sce": ("SCE", {"alpha": 0.1, "beta": 1.0}),
+    "nce_rce": ("NCEandRCE", {"alpha": 1.0, "beta": 1.0}),
+    "nce_mae": ("NCEandMAE", {"alpha": 1.0, "beta": 1.0}),
+    "nfl_rce": ("NFLandRCE", {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}),
+    "nfl_mae": ("NFLandMAE", {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}),
+    "ldr_kl": ("LDRKL", {"lambda_": 1.0, "margin": 0.1}),
+    "dual_focal": ("DualFocal", {"gamma": 5.0}),
+    "supcon": ("SupCon", {"temperature": 0.1}),
+    "simclr": ("SimCLR", {"temperature": 0.5}),
+}
+
+
+def test_every_loss_config_is_listed_here():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(PAPER_DEFAULTS)
+
+
+@pytest.mark.parametrize("key", sorted(PAPER_DEFAULTS))
+def test_loss_config_builds_its_class_with_paper_defaults(key):
+    class_name, defaults = PAPER_DEFAULTS[key]
+    loss = hydra.utils.instantiate(OmegaConf.load(CONFIGS / f"{key}.yaml"))
+    assert type(loss).__name__ == class_name
+    for name, value in defaults.items():
+        assert getattr(loss, name) == pytest.approx(value), f"{key}: {name}"
