@@ -135,3 +135,30 @@ def test_reliability_bins_sum_to_the_ece():
     ece = sum(n / 200 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["mean_confidence"]))
     assert ece == pytest.approx(metrics.probability_metrics["ece"].compute().item(), rel=1e-5)
     assert ece == pytest.approx(reference_ece(torch.softmax(logits, 1), target), rel=1e-5)
+
+
+def test_losses_receive_class_counts_and_the_epoch():
+    seen = {}
+
+    class Prior(CrossEntropy):
+        needs_class_counts = True
+
+        def set_class_counts(self, counts):
+            seen["counts"] = counts
+
+        def set_epoch(self, epoch, max_epochs):
+            seen["epoch"] = (epoch, max_epochs)
+
+    counts = torch.tensor([5, 3, 1])
+    module = Objective(TinyBackbone(), Prior(), num_classes=3, class_counts=counts,
+                       optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # fmt: skip
+    assert torch.equal(seen["counts"], counts)
+
+    class Trainer:
+        max_epochs, current_epoch = 7, 0
+
+    module.trainer = Trainer()
+    module.on_train_epoch_start()
+    assert seen["epoch"] == (0, 7)
+    with pytest.raises(TypeError, match="class counts"):
+        Objective(TinyBackbone(), Prior(), num_classes=3, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))

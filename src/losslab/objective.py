@@ -85,6 +85,7 @@ class StageMetrics(nn.Module):
         )
         self.nll = NegativeLogLikelihood()
         self.reliability = ReliabilityBins(n_bins=15)
+        self.per_class = MulticlassAccuracy(num_classes, average=None, validate_args=False)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, reliability: bool = False) -> None:
         logits = logits.detach().float()
@@ -94,6 +95,7 @@ class StageMetrics(nn.Module):
         self.nll.update(logits, target)
         if reliability:
             self.reliability.update(probabilities, target)
+            self.per_class.update(probabilities, target)
 
     def items(self) -> dict[str, Metric]:
         return {**self.probability_metrics, "nll": self.nll}
@@ -110,11 +112,16 @@ class Objective(L.LightningModule):
         projection_dim: int = 128,
         projection_hidden_dim: int | None = None,
         channels_last: bool = False,
+        class_counts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if loss.kind not in KINDS:
             raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
-        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts"])
+        if loss.needs_class_counts:
+            if class_counts is None:
+                raise TypeError(f"{type(loss).__name__} needs the training split's class counts")
+            loss.set_class_counts(class_counts)
         self.backbone = backbone
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -133,6 +140,7 @@ class Objective(L.LightningModule):
             )
         # Reliability-diagram data of the latest val and test epochs (see ReliabilityBins).
         self.reliability: dict[str, dict[str, list[float]]] = {}
+        self.per_class_accuracy: dict[str, list[float]] = {}
         self.metrics = nn.ModuleDict({f"{stage}_metrics": StageMetrics(num_classes) for stage in ("train", "val", "test")})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,6 +189,9 @@ class Objective(L.LightningModule):
                       on_step=False, on_epoch=True, batch_size=batch_size)
         return total
 
+    def on_train_epoch_start(self) -> None:
+        self.loss.set_epoch(self.current_epoch, self.trainer.max_epochs)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
@@ -191,9 +202,11 @@ class Objective(L.LightningModule):
         self._step(batch, "test")
 
     def _store_reliability(self, stage: str) -> None:
-        reliability = self.metrics[f"{stage}_metrics"].reliability
-        self.reliability[stage] = reliability.compute()
-        reliability.reset()
+        metrics = self.metrics[f"{stage}_metrics"]
+        self.reliability[stage] = metrics.reliability.compute()
+        self.per_class_accuracy[stage] = metrics.per_class.compute().tolist()
+        metrics.reliability.reset()
+        metrics.per_class.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._store_reliability("val")

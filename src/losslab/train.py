@@ -120,6 +120,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         backbone=backbone,
         loss=loss,
         num_classes=datamodule.num_classes,
+        class_counts=datamodule.class_counts,
         optimizer=_instantiate(cfg.optimizer, "optimizer"),
         scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         **cfg.objective,
@@ -266,6 +267,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val": _metrics(val_results, "val/"),
         "test": _metrics(test_results, "test/"),
         "calibration": module.reliability,
+        "per_class_accuracy": module.per_class_accuracy,
+        "label_noise": _memorisation(module, datamodule),
         "best_epoch": best_epoch,
         "monitor": monitor,
         "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "last weights",
@@ -283,10 +286,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    results["test"].update(_shot_accuracy(module.per_class_accuracy.get("test"), datamodule.class_counts))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "results.json", results)
         _print_summary(results)
     return results
+
+
+def _shot_accuracy(per_class: list[float] | None, counts: torch.Tensor | None) -> dict[str, float]:
+    """Many-shot (> 100 training samples), medium (20-100) and few-shot (< 20) accuracy, Liu et al. 2019's
+    split of long-tailed classes; only when the training split has classes in more than one of them."""
+    if not per_class or counts is None:
+        return {}
+    accuracy, counts = torch.tensor(per_class), counts.cpu()
+    groups = {"acc_many_shot": counts > 100, "acc_medium_shot": (counts >= 20) & (counts <= 100),
+              "acc_few_shot": counts < 20}  # fmt: skip
+    if sum(bool(mask.any()) for mask in groups.values()) < 2:
+        return {}
+    return {name: float(accuracy[mask].mean()) for name, mask in groups.items() if mask.any()}
+
+
+@torch.no_grad()
+def _memorisation(module: Objective, datamodule: Any) -> dict[str, Any] | None:
+    """With label noise: of the training samples whose label was corrupted, the fraction the final model
+    predicts with the noisy label (memorised) and with the clean one (corrected)."""
+    split = getattr(datamodule, "train_split", None)
+    if split is None or split.clean_labels is None:
+        return None
+    noisy = torch.nonzero(split.labels != split.clean_labels).flatten()
+    record = dict(datamodule.info.split.get("label_noise", {}))
+    if len(noisy) == 0:
+        return record
+    module.eval()
+    predictions = []
+    for index in noisy.split(datamodule.eval_batch_size):
+        images = datamodule._normalize(split.images[index].to(module.device))
+        predictions.append(module(images).argmax(dim=-1).cpu())
+    predicted = torch.cat(predictions)
+    record["memorised"] = float((predicted == split.labels[noisy]).float().mean())
+    record["corrected"] = float((predicted == split.clean_labels[noisy]).float().mean())
+    return record
 
 
 def _device_name(trainer: L.Trainer) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from losslab.data import sources
 from losslab.data.augment import BatchAugment
 from losslab.data.batching import BatchOrder, TensorBatches
+from losslab.data.corruption import add_label_noise, subsample_long_tail
 from losslab.errors import ConfigError
 
 
@@ -46,6 +47,8 @@ def index_digest(index: torch.Tensor) -> str:
 class Split:
     images: torch.Tensor
     labels: torch.Tensor
+    # The labels before label noise (training split only; None when no noise was added).
+    clean_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -198,6 +201,8 @@ class InMemoryDataModule(ImageDataModule):
         data_dir: str | None = None,
         download: bool = True,
         image_size: int | None = None,
+        label_noise: dict[str, Any] | None = None,
+        imbalance_factor: float | None = None,
         **kwargs: Any,
     ) -> None:
         if name not in sources.LOADERS:
@@ -206,6 +211,11 @@ class InMemoryDataModule(ImageDataModule):
         self.data_dir = data_dir
         self.download = download
         self.requested_image_size = image_size
+        self.label_noise = dict(label_noise) if label_noise else None
+        if self.label_noise and set(self.label_noise) - {"kind", "rate", "seed"}:
+            unknown = sorted(set(self.label_noise) - {"kind", "rate", "seed"})
+            raise ConfigError(f"dataset.label_noise: unknown keys {unknown}; allowed keys are kind, rate, seed")
+        self.imbalance_factor = imbalance_factor
         self.train_split: Split | None = None
         self.val_split: Split | None = None
         self.test_split: Split | None = None
@@ -226,7 +236,21 @@ class InMemoryDataModule(ImageDataModule):
             train_images = _resize(train_images, self.requested_image_size)
             test_images = _resize(test_images, self.requested_image_size)
         train_index, val_index = stratified_split(arrays.train_labels, self.val_fraction, self.split_seed)
-        self.train_split = Split(train_images[train_index].contiguous(), arrays.train_labels[train_index])
+        corruption: dict[str, Any] = {}
+        if self.imbalance_factor and self.imbalance_factor > 1:
+            # Validation keeps its balanced split, like the test set; only training becomes long-tailed.
+            train_index = train_index[subsample_long_tail(arrays.train_labels[train_index], self.imbalance_factor,
+                                                          self.split_seed)]  # fmt: skip
+            corruption["imbalance_factor"] = self.imbalance_factor
+        labels = arrays.train_labels[train_index]
+        clean = None
+        if self.label_noise and self.label_noise.get("rate", 0) > 0:
+            clean = labels
+            labels, corruption["label_noise"] = add_label_noise(
+                clean, len(arrays.classes), self.label_noise.get("kind", "symmetric"), float(self.label_noise["rate"]),
+                int(self.label_noise.get("seed", self.split_seed)), self.name,
+            )  # fmt: skip
+        self.train_split = Split(train_images[train_index].contiguous(), labels, clean)
         self.val_split = Split(train_images[val_index].contiguous(), arrays.train_labels[val_index])
         self.test_split = Split(test_images, arrays.test_labels)
         self.classes = list(arrays.classes)
@@ -240,7 +264,8 @@ class InMemoryDataModule(ImageDataModule):
             name=self.name,
             source=arrays.source,
             files=arrays.files,
-            split=self._record_split(train_index, val_index, len(arrays.test_labels)),
+            split={**self._record_split(train_index, val_index, len(arrays.test_labels)), **corruption,
+                   "train_class_counts": self.class_counts.tolist()},
             normalization={"mean": self.mean.tolist(), "std": self.std.tolist()},
         )
 

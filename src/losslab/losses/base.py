@@ -25,12 +25,22 @@ class Loss(nn.Module):
     ``n_views``: how many augmented views of each image a training batch must carry.
     ``needs_labels``: False for self-supervised objectives (labels are then not passed).
     ``accepts_soft_targets``: whether a classification loss takes ``[N, C]`` probability targets.
+    ``needs_class_counts``: the training module calls :meth:`set_class_counts` with the training split's
+    per-class counts before training (class priors for long-tail losses).
     """
 
     kind: ClassVar[str] = "classification"
     n_views: ClassVar[int] = 1
     needs_labels: ClassVar[bool] = True
     accepts_soft_targets: ClassVar[bool] = False
+    needs_class_counts: ClassVar[bool] = False
+
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """Receives the training split's samples per class (only called when ``needs_class_counts``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares needs_class_counts but does not take them")
+
+    def set_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Called as every training epoch starts, for losses with a schedule (e.g. deferred re-weighting)."""
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         """Counters a loss wants logged next to its value (e.g. anchors that had no positive)."""
