@@ -31,6 +31,10 @@ PAPER_DEFAULTS = {
     "nfl_mae": ("NFLandMAE", {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}),
     "ldr_kl": ("LDRKL", {"lambda_": 1.0, "margin": 0.1}),
     "dual_focal": ("DualFocal", {"gamma": 5.0}),
+    "logit_adjust": ("LogitAdjust", {"tau": 1.0}),
+    "balanced_softmax": ("BalancedSoftmax", {}),
+    "ldam": ("LDAM", {"max_margin": 0.5, "s": 30.0, "drw": True, "drw_start_fraction": 0.8, "beta": 0.9999}),
+    "vs_loss": ("VectorScaling", {"gamma": 0.2, "tau": 1.5}),
     "supcon": ("SupCon", {"temperature": 0.1}),
     "simclr": ("SimCLR", {"temperature": 0.5}),
 }

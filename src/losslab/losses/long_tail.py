@@ -29,11 +29,15 @@ class ClassPriorLoss(Loss):
     def set_class_counts(self, counts: torch.Tensor) -> None:
         counts = torch.as_tensor(counts).detach().cpu().to(torch.float64)
         if counts.ndim != 1 or counts.numel() == 0:
-            raise ConfigError(f"{type(self).__name__}: class counts must be one count per class, got shape "
-                              f"{tuple(counts.shape)}")
+            raise ConfigError(
+                f"{type(self).__name__}: class counts must be one count per class, got shape "
+                f"{tuple(counts.shape)}"
+            )
         if (counts <= 0).any():
             empty = torch.nonzero(counts <= 0).flatten().tolist()
-            raise ConfigError(f"{type(self).__name__}: every class needs training samples; classes {empty} have none")
+            raise ConfigError(
+                f"{type(self).__name__}: every class needs training samples; classes {empty} have none"
+            )
         self.store_buffer("prior", counts / counts.sum())
         self.store_class_statistics(counts)
         self.has_class_counts = True
@@ -47,11 +51,15 @@ class ClassPriorLoss(Loss):
 
     def check_ready(self, logits: torch.Tensor) -> None:
         if not self.has_class_counts:
-            raise RuntimeError(f"{type(self).__name__} needs the training split's class counts: call "
-                               "set_class_counts(counts) before computing the loss")
+            raise RuntimeError(
+                f"{type(self).__name__} needs the training split's class counts: call "
+                "set_class_counts(counts) before computing the loss"
+            )
         if len(self.prior) != logits.shape[-1]:
-            raise ConfigError(f"{type(self).__name__} got class counts for {len(self.prior)} classes but the "
-                              f"classifier has {logits.shape[-1]}")
+            raise ConfigError(
+                f"{type(self).__name__} got class counts for {len(self.prior)} classes but the "
+                f"classifier has {logits.shape[-1]}"
+            )
 
 
 class LogitAdjust(ClassPriorLoss):
