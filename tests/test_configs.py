@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 import pytest
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from conftest import CONFIG_DIR, REPO, compose_config, run_training

@@ -10,7 +10,6 @@ missing runs); the runs carry ``paper_row=<row>`` and are grouped by it.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from losslab.errors import ConfigError, LossLabError
 from losslab.losses.base import Loss
 from losslab.objective import Objective
-from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
 from losslab.recording import (
     EpochRecorder,
     RandomState,
@@ -36,6 +35,7 @@ from losslab.recording import (
     write_atomic,
     write_json_atomic,
 )
+from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
 
 log = logging.getLogger("losslab")
 

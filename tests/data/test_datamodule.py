@@ -7,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import fake_formats
 from losslab.data import FolderDataModule, InMemoryDataModule
 from losslab.data.datamodule import stratified_split
 from losslab.errors import ConfigError, DataNotFoundError

@@ -9,10 +9,10 @@ import os
 import re
 from pathlib import Path
 
-import fake_formats as ff  # tests/ is on sys.path: pytest prepends the rootdir conftest.py's folder
 import pytest
 import torch
 
+import fake_formats as ff  # tests/ is on sys.path: pytest prepends the rootdir conftest.py's folder
 from losslab.data import sources
 from losslab.data.sources import LOADERS, ImageArrays
 from losslab.errors import ConfigError, DataFormatError, DataNotFoundError

@@ -4,10 +4,8 @@ formulas, their identities with cross-entropy and with each other, and the class
 import math
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy

@@ -3,4 +3,4 @@
 from losslab.data.datamodule import ImageDataModule, InMemoryDataModule
 from losslab.data.folder import FolderDataModule
 
-__all__ = ["ImageDataModule", "InMemoryDataModule", "FolderDataModule"]
+__all__ = ["FolderDataModule", "ImageDataModule", "InMemoryDataModule"]

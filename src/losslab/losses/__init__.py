@@ -4,4 +4,4 @@ from losslab.losses.base import Loss
 from losslab.losses.classification import CrossEntropy, LabelSmoothing
 from losslab.losses.contrastive import SimCLR, SupCon
 
-__all__ = ["Loss", "CrossEntropy", "LabelSmoothing", "SimCLR", "SupCon"]
+__all__ = ["CrossEntropy", "LabelSmoothing", "Loss", "SimCLR", "SupCon"]
