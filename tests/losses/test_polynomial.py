@@ -133,30 +133,6 @@ def cross_entropy(logits, labels):
     return CrossEntropy()(logits, labels).item()
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_value_matches_loop_reference(name, batch):
-    loss, reference = CASES[name]
-    logits, labels = batch
-    assert loss(logits, labels).item() == pytest.approx(reference(logits, labels), rel=1e-10)
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_gradient_matches_finite_differences_of_loop_reference(name, batch):
-    loss, reference = CASES[name]
-    logits, labels = batch
-    logits = logits.clone().requires_grad_()
-    loss(logits, labels).backward()
-    expected = finite_difference_gradient(lambda z: reference(z, labels), logits.detach())
-    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_gradcheck_in_float64(name, batch):
-    loss, _ = CASES[name]
-    logits, labels = batch
-    assert torch.autograd.gradcheck(lambda z: loss(z, labels), (logits.clone().requires_grad_(),))
-
-
 def test_poly1_with_epsilon_zero_is_cross_entropy(batch):
     logits, labels = batch
     soft = torch.softmax(torch.randn(7, 5, dtype=torch.float64), dim=1)
@@ -290,46 +266,6 @@ def test_all_equal_logits_give_the_closed_form_value(loss, fill, expected):
     value.backward()
     assert value.item() == pytest.approx(expected, rel=1e-6)
     assert torch.isfinite(logits.grad).all()
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_logits_of_magnitude_1e4_give_finite_value_and_gradient(name):
-    loss, _ = CASES[name]
-    labels = torch.tensor([0, 1, 2, 3])
-    logits = torch.full((4, 5), -1e4)
-    logits[0, 0] = logits[1, 1] = 1e4  # confidently right
-    logits[2, 4] = logits[3, 0] = 1e4  # confidently wrong
-    logits.requires_grad_()
-    value = loss(logits, labels)
-    value.backward()
-    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_class_absent_from_batch_matches_loop_reference(name, batch):
-    loss, reference = CASES[name]
-    logits, _ = batch
-    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])  # classes 2, 3 and 4 never occur
-    assert loss(logits, labels).item() == pytest.approx(reference(logits, labels), rel=1e-10)
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_single_class_batch_matches_loop_reference(name, batch):
-    loss, reference = CASES[name]
-    logits, _ = batch
-    labels = torch.full((7,), 2)
-    assert loss(logits, labels).item() == pytest.approx(reference(logits, labels), rel=1e-10)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", CASES)
-def test_half_precision_inputs_are_computed_in_float32(name, dtype, batch):
-    loss, _ = CASES[name]
-    logits, labels = batch
-    half = (logits * 10).to(dtype)  # large logits overflow exp() in half precision
-    value = loss(half, labels)
-    assert value.dtype == torch.float32 and torch.isfinite(value)
-    assert value.item() == pytest.approx(loss(half.double(), labels).item(), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize(
