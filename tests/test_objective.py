@@ -11,7 +11,8 @@ from conftest import run_training
 from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy, SupCon
 from losslab.losses.base import Loss
-from losslab.objective import NegativeLogLikelihood, Objective, StageMetrics
+from losslab.metrics import NegativeLogLikelihood, StageMetrics
+from losslab.objective import Objective
 
 
 class TinyBackbone(nn.Module):
