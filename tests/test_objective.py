@@ -125,19 +125,6 @@ def test_backbone_that_cannot_take_the_dataset_names_both_choices(tmp_path: Path
         run_training(["dataset=digits", "backbone=torchvision", "backbone.name=inception_v3"], tmp_path / "run")
 
 
-def test_reliability_bins_sum_to_the_ece():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(200, 6, generator=generator) * 2
-    target = torch.randint(0, 6, (200,), generator=generator)
-    metrics = StageMetrics(6)
-    metrics.update(logits, target, reliability=True)
-    bins = metrics.reliability.compute()
-    assert sum(bins["count"]) == 200
-    ece = sum(n / 200 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["mean_confidence"]))
-    assert ece == pytest.approx(metrics.probability_metrics["ece"].compute().item(), rel=1e-5)
-    assert ece == pytest.approx(reference_ece(torch.softmax(logits, 1), target), rel=1e-5)
-
-
 def test_losses_receive_class_counts_and_the_epoch():
     seen = {}
 

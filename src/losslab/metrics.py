@@ -3,6 +3,9 @@ reliability diagram, per stage (train, val, test)."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,37 +31,129 @@ class NegativeLogLikelihood(Metric):
         return (self.total / self.count).float()
 
 
-class ReliabilityBins(Metric):
-    """Per confidence bin (equal width): sample count, summed confidence and summed correctness — the data
-    of a reliability diagram (Guo et al. 2017), kept in results.json for the report."""
+class EvaluationLogits(Metric):
+    """Every logit row and label of a val or test epoch (gathered across ranks), for the calibration metrics
+    that need the whole set at once: equal-mass bins, class-wise bins and the temperature fit."""
 
     full_state_update = False
 
-    def __init__(self, n_bins: int = 15) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.n_bins = n_bins
-        for name in ("count", "confidence", "correct"):
-            self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
 
-    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
-        confidence, prediction = probabilities.max(dim=-1)
-        # Bin b holds confidences in (b/n, (b+1)/n], as torchmetrics' calibration error does.
-        index = (torch.ceil(confidence * self.n_bins).long() - 1).clamp(0, self.n_bins - 1)
-        self.count.index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
-        self.confidence.index_add_(0, index, confidence.double())
-        self.correct.index_add_(0, index, (prediction == target).double())
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float())
+        self.target.append(target.detach())
 
-    def compute(self) -> dict[str, list[float]]:
-        return {
-            "bin_upper_edges": [(b + 1) / self.n_bins for b in range(self.n_bins)],
-            "count": self.count.tolist(),
-            "mean_confidence": (self.confidence / self.count.clamp_min(1)).tolist(),
-            "accuracy": (self.correct / self.count.clamp_min(1)).tolist(),
-        }
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def joined(state: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(state) if isinstance(state, list) else state
+
+        return joined(self.logits), joined(self.target)
+
+
+def brier_score(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Brier (1950), multi-class form: mean over samples of ``sum_c (p_c - 1[y = c])^2`` (range [0, 2])."""
+    one_hot = F.one_hot(target, probabilities.shape[-1]).to(probabilities.dtype)
+    return (probabilities - one_hot).pow(2).sum(-1).mean()
+
+
+def reliability_bins(probabilities: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
+    """Reliability-diagram data (Guo et al. 2017): per equal-width confidence bin ``(b/n, (b+1)/n]``, the sample
+    count, mean confidence and accuracy; their count-weighted gaps sum to the ECE."""
+    confidence, prediction = probabilities.max(dim=-1)
+    index = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
+    summed_confidence = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, confidence.double())
+    correct = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, (prediction == target).double())
+    return {
+        "bin_upper_edges": [(b + 1) / n_bins for b in range(n_bins)],
+        "count": count.tolist(),
+        "mean_confidence": (summed_confidence / count.clamp_min(1)).tolist(),
+        "accuracy": (correct / count.clamp_min(1)).tolist(),
+    }
+
+
+def expected_calibration_error(probabilities: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """ECE with equal-width bins (Naeini et al. 2015; Guo et al. 2017): ``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``."""
+    bins = reliability_bins(probabilities, target, n_bins)
+    count = torch.tensor(bins["count"], dtype=torch.float64)
+    gap = (torch.tensor(bins["accuracy"], dtype=torch.float64) - torch.tensor(bins["mean_confidence"], dtype=torch.float64))
+    return (count * gap.abs()).sum() / count.sum()
+
+
+def adaptive_calibration_error(probabilities: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Adaptive ECE (Nguyen & O'Connor 2015; "AdaECE" in Mukhoti et al. 2020): the ECE over ``n_bins`` bins
+    holding equal numbers of samples (sizes differ by at most one) in order of confidence."""
+    confidence, prediction = probabilities.max(dim=-1)
+    order = confidence.argsort()
+    correct = (prediction == target).double()[order]
+    confidence = confidence.double()[order]
+    total = torch.zeros((), dtype=torch.float64)
+    for bin_confidence, bin_correct in zip(confidence.tensor_split(n_bins), correct.tensor_split(n_bins)):
+        if bin_confidence.numel():
+            total += bin_confidence.numel() * (bin_correct.mean() - bin_confidence.mean()).abs()
+    return total / len(target)
+
+
+def classwise_calibration_error(probabilities: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Class-wise ECE (Kull et al. 2019): for every class c, the equal-width-binned gap between the predicted
+    ``p_c`` and the frequency of class c, weighted by bin size, averaged over the classes."""
+    n, n_classes = probabilities.shape
+    probabilities = probabilities.double()
+    is_class = F.one_hot(target, n_classes).double()
+    index = (torch.ceil(probabilities * n_bins).long() - 1).clamp(0, n_bins - 1)  # [N, C]
+    flat = (index + n_bins * torch.arange(n_classes, device=index.device)).flatten()  # (class, bin) cells
+    cells = n_classes * n_bins
+    count = torch.zeros(cells, dtype=torch.float64, device=index.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    summed_p = torch.zeros_like(count).index_add_(0, flat, probabilities.flatten())
+    hits = torch.zeros_like(count).index_add_(0, flat, is_class.flatten())
+    return (summed_p - hits).abs().sum() / (n * n_classes)
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature scaling (Guo et al. 2017): the ``T`` minimising the NLL of ``softmax(z / T)``.
+
+    The NLL is convex in ``1/T``, hence unimodal in ``log T``: a golden-section search over ``log T`` within
+    ``bounds`` finds the minimum to 1e-9 without a learning rate or a starting point to tune."""
+    logits = logits.double()
+
+    def nll(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), target).item()
+
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    f_a, f_b = nll(a), nll(b)
+    while high - low > 1e-9:
+        if f_a <= f_b:
+            high, b, f_b = b, a, f_a
+            a = high - ratio * (high - low)
+            f_a = nll(a)
+        else:
+            low, a, f_a = a, b, f_b
+            b = low + ratio * (high - low)
+            f_b = nll(b)
+    return math.exp((low + high) / 2)
+
+
+def calibration_report(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """ECE, adaptive ECE, class-wise ECE (``n_bins`` bins each), NLL and Brier score of ``softmax(logits)``."""
+    logits = logits.double()
+    probabilities = logits.softmax(dim=-1)
+    return {
+        "ece": float(expected_calibration_error(probabilities, target, n_bins)),
+        "adaptive_ece": float(adaptive_calibration_error(probabilities, target, n_bins)),
+        "classwise_ece": float(classwise_calibration_error(probabilities, target, n_bins)),
+        "nll": float(F.cross_entropy(logits, target)),
+        "brier": float(brier_score(probabilities, target)),
+    }
 
 
 class StageMetrics(nn.Module):
-    """Top-1, top-5 (more than 5 classes), NLL and 15-bin ECE for one stage (train, val or test)."""
+    """Top-1, top-5 (more than 5 classes), NLL and 15-bin ECE for one stage (train, val or test), accumulated per
+    step; on val and test also the whole-set metrics of :meth:`finish_evaluation`."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -73,18 +168,43 @@ class StageMetrics(nn.Module):
             num_classes, n_bins=15, norm="l1", validate_args=False
         )
         self.nll = NegativeLogLikelihood()
-        self.reliability = ReliabilityBins(n_bins=15)
+        # Evaluation stages only: the whole set's logits (calibration_report) and per-class accuracy.
+        self.logits = EvaluationLogits()
         self.per_class = MulticlassAccuracy(num_classes, average=None, validate_args=False)
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor, reliability: bool = False) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, evaluation: bool = False) -> None:
         logits = logits.detach().float()
         probabilities = logits.softmax(dim=-1)
         for metric in self.probability_metrics.values():
             metric.update(probabilities, target)
         self.nll.update(logits, target)
-        if reliability:
-            self.reliability.update(probabilities, target)
+        if evaluation:
+            self.logits.update(logits, target)
             self.per_class.update(probabilities, target)
+
+    def finish_evaluation(self, temperature: float | None = None, fit: bool = False) -> dict[str, Any] | None:
+        """At the end of a val or test epoch: the whole-set calibration metrics, the same for ``softmax(z / T)``
+        (``temperature`` given, or fitted on this set with ``fit``; neither: no scaled entries), reliability bins,
+        and the per-class accuracy. None when the epoch saw no sample. Resets the evaluation state."""
+        if not self.logits.update_called:
+            return None
+        logits, target = self.logits.compute()
+        per_class = self.per_class.compute().tolist()
+        self.logits.reset()
+        self.per_class.reset()
+        logits, target = logits.double().cpu(), target.cpu()
+        if fit:
+            temperature = fit_temperature(logits, target)
+        summary = {
+            "calibration": calibration_report(logits, target),
+            "reliability": reliability_bins(logits.softmax(-1), target),
+            "per_class": per_class,
+            "temperature": temperature,
+        }
+        if temperature is not None:
+            summary["calibration_ts"] = calibration_report(logits / temperature, target)
+            summary["reliability_ts"] = reliability_bins((logits / temperature).softmax(-1), target)
+        return summary
 
     def items(self) -> dict[str, Metric]:
         return {**self.probability_metrics, "nll": self.nll}

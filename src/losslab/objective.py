@@ -57,9 +57,11 @@ class Objective(L.LightningModule):
             self.projector = nn.Sequential(
                 nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim)
             )
-        # Reliability-diagram data of the latest val and test epochs (see ReliabilityBins).
+        # Reliability-diagram data of the latest val and test epochs, before and after temperature scaling.
         self.reliability: dict[str, dict[str, list[float]]] = {}
         self.per_class_accuracy: dict[str, list[float]] = {}
+        # Temperature scaling fitted at the end of the latest validation epoch (None before any).
+        self.temperature: float | None = None
         self.metrics = nn.ModuleDict({f"{stage}_metrics": StageMetrics(num_classes) for stage in ("train", "val", "test")})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ class Objective(L.LightningModule):
             self.log(f"{stage}/{name}", value.float(), on_step=False, on_epoch=True, reduce_fx="sum",
                      sync_dist=True, batch_size=batch_size)
         metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(logits, hard_target, reliability=stage != "train")
+        metrics.update(logits, hard_target, evaluation=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=batch_size)
         return total
@@ -120,18 +122,33 @@ class Objective(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _store_reliability(self, stage: str) -> None:
-        metrics = self.metrics[f"{stage}_metrics"]
-        self.reliability[stage] = metrics.reliability.compute()
-        self.per_class_accuracy[stage] = metrics.per_class.compute().tolist()
-        metrics.reliability.reset()
-        metrics.per_class.reset()
+    def _finish_evaluation(self, stage: str) -> None:
+        """Whole-set calibration of the epoch: ECE, adaptive and class-wise ECE, NLL, Brier, before and after
+        temperature scaling. T is fitted on the validation split and applied unchanged to the test split
+        (Guo et al. 2017); a test without a preceding validation fits nothing and reports no ``*_ts``."""
+        summary = self.metrics[f"{stage}_metrics"].finish_evaluation(
+            temperature=self.temperature, fit=stage == "val"
+        )
+        if summary is None:
+            return
+        if stage == "val":
+            self.temperature = summary["temperature"]
+        values = {f"{stage}/{name}": value for name, value in summary["calibration"].items()
+                  if name not in ("ece", "nll")}  # those two are logged per step, with the same values
+        if summary["temperature"] is not None:
+            values[f"{stage}/temperature"] = summary["temperature"]
+            values.update({f"{stage}/{name}_ts": value for name, value in summary["calibration_ts"].items()})
+            self.reliability[f"{stage}_ts"] = summary["reliability_ts"]
+        # Every rank holds the gathered set, so the values agree without another reduction.
+        self.log_dict(values)
+        self.reliability[stage] = summary["reliability"]
+        self.per_class_accuracy[stage] = summary["per_class"]
 
     def on_validation_epoch_end(self) -> None:
-        self._store_reliability("val")
+        self._finish_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._store_reliability("test")
+        self._finish_evaluation("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

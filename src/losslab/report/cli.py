@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", help="group the others are tested against (default: ce if present, else the first)")
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--higher-is-better", dest="higher", action="store_true", default=None,
-                           help="rank by this direction (known for acc*, loss, nll, ece, brier)")
+                           help="rank by this direction (known for acc*, loss, nll, ece*, adaptive_ece*, "
+                                "classwise_ece*, brier*, map*, f1*)")
     direction.add_argument("--lower-is-better", dest="higher", action="store_false")
     parser.add_argument("--allow-differ", nargs="+", action="extend", default=[], metavar="KEY",
                         help="config keys (dotted prefixes) runs may differ in besides the grouping keys and seed")

@@ -11,8 +11,10 @@ from scipy import stats
 
 from losslab.report import ReportError
 
-# Direction of each metric family; "acc" also covers acc_top5. Brier and NLL are proper scoring rules.
-HIGHER_IS_BETTER = {"acc": True, "loss": False, "nll": False, "ece": False, "brier": False}
+# Direction of each metric family by name prefix; "acc" also covers acc_top5, "ece" ece_ts. Brier and NLL
+# are proper scoring rules; map and f1 are the multi-label metrics.
+HIGHER_IS_BETTER = {"acc": True, "loss": False, "nll": False, "ece": False, "adaptive_ece": False,
+                    "classwise_ece": False, "brier": False, "map": True, "f1": True}
 
 
 def higher_is_better(metric: str) -> bool:

@@ -14,8 +14,8 @@ from losslab.report import ReportError
 from losslab.report.collect import MISSING, Run
 from losslab.report.stats import paired_p, rank, summarize, welch_p
 
-# Fractions printed in percent, as papers report accuracy and ECE.
-PERCENT_METRICS = ("acc", "ece")
+# Fractions printed in percent, as papers report accuracy, calibration errors and mAP.
+PERCENT_METRICS = ("acc", "ece", "adaptive_ece", "classwise_ece", "map", "f1")
 MISSING_CELL = "—"
 
 
