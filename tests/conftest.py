@@ -63,3 +63,9 @@ def fake_data_dir(tmp_path_factory) -> Path:
 def fake_image_folder(tmp_path_factory) -> Path:
     """An ImageFolder tree with train/ and val/ (3 classes of small PNGs)."""
     return fake_formats.write_image_folder(tmp_path_factory.mktemp("image_folder"), test_dir="val")
+
+
+@pytest.fixture(scope="session")
+def fake_multilabel_folder(tmp_path_factory) -> fake_formats.MultiLabelFake:
+    """Images (PNG and JPEG) with a labels CSV: 12 train rows (no val rows) and 6 test rows over 3 classes."""
+    return fake_formats.write_multilabel_folder(tmp_path_factory.mktemp("multilabel_folder"), sizes=(12, 0, 6))

@@ -277,3 +277,53 @@ def write_image_folder(
                 pixels = rng.integers(0, 256, size=(size, size + 3, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+# ---- A multi-label image folder with a labels CSV (MultiLabelFolderDataModule's format) --------------------
+
+
+class MultiLabelFake(NamedTuple):
+    root: Path
+    classes: list[str]
+    # split -> (image paths relative to root, targets uint8 [N, C], images uint8 [N, 3, H, W]) in CSV order
+    splits: dict[str, tuple[list[str], np.ndarray, np.ndarray]]
+
+
+def write_multilabel_folder(
+    root: str | Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), sizes: tuple[int, int, int] = (8, 0, 4),
+    size: int = 16, csv_name: str = "labels.csv",
+) -> MultiLabelFake:  # fmt: skip
+    """``root/images/<split>_<i>.png`` (every third one a JPEG, with flat two-tone pixels JPEG keeps nearly
+    exact) and ``root/<csv_name>``: header ``image,split,<classes>``, one row per image, rows of the splits in
+    turn; ``sizes`` = rows of (train, val, test). Targets are random label sets, the first row of each split
+    empty (an image without any class is valid) and every class present in train."""
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    lines = [",".join(["image", "split", *classes])]
+    splits = {}
+    for split, count in zip(("train", "val", "test"), sizes):
+        targets = rng.integers(0, 2, size=(count, len(classes)), dtype=np.uint8)
+        if count:
+            targets[0] = 0
+        if split == "train":
+            targets[1 : 1 + len(classes)] |= np.eye(len(classes), dtype=np.uint8)[: max(0, count - 1)]
+        paths, images = [], []
+        for i in range(count):
+            jpeg = i % 3 == 2
+            name = f"images/{split}_{i}.{'jpg' if jpeg else 'png'}"
+            if jpeg:
+                image = np.empty((3, size, size), np.uint8)
+                image[:, : size // 2], image[:, size // 2 :] = rng.integers(16, 240, size=(2, 3, 1, 1))
+                _save_jpeg(root / name, image, grey=False)
+            else:
+                image = rng.integers(0, 256, size=(3, size, size), dtype=np.uint8)
+                Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(root / name)
+            paths.append(name)
+            images.append(image)
+            lines.append(",".join([name, split, *(str(int(v)) for v in targets[i])]))
+        splits[split] = (paths, targets, np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8))
+    (root / csv_name).write_text("\n".join(lines) + "\n")
+    return MultiLabelFake(root, list(classes), splits)

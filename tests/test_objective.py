@@ -150,3 +150,23 @@ def test_losses_receive_class_counts_and_the_epoch():
     assert seen["epoch"] == (0, 7)
     with pytest.raises(TypeError, match="class counts"):
         Objective(TinyBackbone(), Prior(), num_classes=3, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+
+
+def test_classification_loss_is_trained_through_the_head_it_builds():
+    class Scaled(nn.Module):
+        def __init__(self, feature_dim, num_classes):
+            super().__init__()
+            self.linear = nn.Linear(feature_dim, num_classes)
+
+        def forward(self, features):
+            return 2.0 * self.linear(features)
+
+    class OwnHead(CrossEntropy):
+        def build_head(self, feature_dim, num_classes):
+            return Scaled(feature_dim, num_classes)
+
+    module = module_for(OwnHead())
+    assert isinstance(module.head, Scaled) and module.head.linear.in_features == 6
+    module._step((torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])), "train").backward()
+    assert module.head.linear.weight.grad is not None
+    assert type(module_for(SupCon(0.5)).head) is nn.Linear  # embedding losses keep the linear probe

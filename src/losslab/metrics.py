@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+    MultilabelHammingDistance,
+)
+from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.utilities import dim_zero_cat
 
 
 class NegativeLogLikelihood(Metric):
@@ -208,3 +216,75 @@ class StageMetrics(nn.Module):
 
     def items(self) -> dict[str, Metric]:
         return {**self.probability_metrics, "nll": self.nll}
+
+
+class MultilabelMeanAveragePrecision(Metric):
+    """Average precision of each class's sigmoid scores over the epoch, and their mean: the mAP of VOC (2010 on)
+    and COCO multi-label evaluations. AP is the non-interpolated ``sum_n (R_n - R_{n-1}) P_n`` (torchmetrics,
+    scikit-learn, the ASL code). The mean runs over the classes with a positive in the evaluated set: a class
+    without one has no AP (torchmetrics would count it as 0 and pull the mean down). ``average=None`` returns
+    the per-class APs instead, NaN for classes without a positive."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, average: str | None = "macro") -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.average = average
+        self.add_state("probabilities", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
+        self.probabilities.append(probabilities)
+        self.target.append(target.to(torch.uint8))
+
+    def compute(self) -> torch.Tensor:
+        probabilities, target = dim_zero_cat(self.probabilities), dim_zero_cat(self.target).long()
+        per_class = torch.full((self.num_classes,), float("nan"), device=probabilities.device)
+        present = target.sum(dim=0) > 0
+        if present.any():
+            per_class[present] = multilabel_average_precision(
+                probabilities[:, present], target[:, present], num_labels=int(present.sum()), average=None,
+                validate_args=False,
+            ).reshape(-1)  # fmt: skip
+        return per_class if self.average is None else per_class.nanmean()
+
+
+class MultiLabelStageMetrics(nn.Module):
+    """The metrics of a multi-label dataset (``[N, C]`` multi-hot targets, one sigmoid per class) for one stage:
+    ``map`` (mean average precision, :class:`MultilabelMeanAveragePrecision`), ``f1_macro`` and ``f1_micro``
+    (``p >= 0.5``; macro is the mean of per-class F1, with 0 for a class never predicted nor present),
+    ``acc_subset`` (exact match: every label of the image right) and ``hamming`` (fraction of wrong labels).
+    On val and test it also keeps the per-class AP, returned by :meth:`finish_evaluation`."""
+
+    def __init__(self, num_classes: int, threshold: float = 0.5) -> None:
+        super().__init__()
+        options = {"num_labels": num_classes, "threshold": threshold, "validate_args": False}
+        self.probability_metrics = nn.ModuleDict({
+            "map": MultilabelMeanAveragePrecision(num_classes),
+            "f1_macro": MultilabelF1Score(average="macro", **options),
+            "f1_micro": MultilabelF1Score(average="micro", **options),
+            "acc_subset": MultilabelExactMatch(**options),
+            "hamming": MultilabelHammingDistance(average="micro", **options),
+        })  # fmt: skip
+        self.per_class = MultilabelMeanAveragePrecision(num_classes, average=None)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, evaluation: bool = False) -> None:
+        probabilities = logits.detach().float().sigmoid()
+        target = target.detach().long()
+        for metric in self.probability_metrics.values():
+            metric.update(probabilities, target)
+        if evaluation:
+            self.per_class.update(probabilities, target)
+
+    def finish_evaluation(self) -> list[float | None] | None:
+        """At the end of a val or test epoch: the per-class AP (None for a class without a positive), or None
+        when the epoch saw no sample. Resets the per-class state."""
+        if not self.per_class.update_called:
+            return None
+        per_class = self.per_class.compute().tolist()
+        self.per_class.reset()
+        return [None if math.isnan(value) else value for value in per_class]
+
+    def items(self) -> dict[str, Metric]:
+        return dict(self.probability_metrics)

@@ -1,14 +1,17 @@
 """The one LightningModule: backbone → features → heads → loss, with the same metrics for every loss.
 
 It never names a specific loss. It reads what the loss declares (:class:`losslab.losses.base.Loss`):
-a ``classification`` loss gets a linear head's logits; an ``embedding`` loss gets a projection head's
-embeddings (``[N, V, D]`` for multi-view batches), while an online linear probe on detached features
-(solo-learn's protocol) gives accuracy and calibration for it too.
+a ``classification`` loss gets the logits of the head it builds (:meth:`Loss.build_head`: linear unless
+the loss owns its head), and the selected regularisers (:mod:`losslab.regularizers`) add their terms to it;
+an ``embedding`` loss gets a projection head's embeddings (``[N, V, D]`` for multi-view batches), while an
+online linear probe on detached features (solo-learn's protocol) gives accuracy and calibration for it too.
+On a multi-label dataset (``[N, C]`` multi-hot targets) the loss is told so (:meth:`Loss.set_multi_label`)
+and the metrics are the multi-label ones (mAP, F1, exact match, Hamming).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losslab.losses.base import KINDS, Loss
-from losslab.metrics import StageMetrics
+from losslab.metrics import MultiLabelStageMetrics, StageMetrics
 
 
 class Objective(L.LightningModule):
@@ -32,15 +35,26 @@ class Objective(L.LightningModule):
         projection_hidden_dim: int | None = None,
         channels_last: bool = False,
         class_counts: torch.Tensor | None = None,
+        regularizers: Mapping[str, nn.Module] | None = None,
+        multi_label: bool = False,
     ) -> None:
         super().__init__()
         if loss.kind not in KINDS:
             raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
-        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts"])
+        self.save_hyperparameters(
+            ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers"]
+        )
         if loss.needs_class_counts:
             if class_counts is None:
                 raise TypeError(f"{type(loss).__name__} needs the training split's class counts")
             loss.set_class_counts(class_counts)
+        # Multi-label datasets: [N, C] multi-hot targets, sigmoid metrics; the loss picks its multi-label form.
+        self.multi_label = multi_label
+        if multi_label:
+            loss.set_multi_label(True)
+        if regularizers and loss.kind != "classification":
+            raise TypeError(f"regularizers {sorted(regularizers)} need logits, which {type(loss).__name__} "
+                            "does not give")
         self.backbone = backbone
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -49,8 +63,12 @@ class Objective(L.LightningModule):
         if channels_last:
             backbone.to(memory_format=torch.channels_last)
         feature_dim = backbone.feature_dim
-        # The classifier for a classification loss; the online probe (on detached features) otherwise.
-        self.head = nn.Linear(feature_dim, num_classes)
+        # The classifier a classification loss builds; a linear online probe (on detached features) otherwise.
+        if loss.kind == "classification":
+            self.head = loss.build_head(feature_dim, num_classes)
+        else:
+            self.head = nn.Linear(feature_dim, num_classes)
+        self.regularizers = nn.ModuleDict(regularizers or {})
         self.projector: nn.Module | None = None
         if loss.kind == "embedding":
             hidden = projection_hidden_dim or feature_dim
@@ -62,7 +80,10 @@ class Objective(L.LightningModule):
         self.per_class_accuracy: dict[str, list[float]] = {}
         # Temperature scaling fitted at the end of the latest validation epoch (None before any).
         self.temperature: float | None = None
-        self.metrics = nn.ModuleDict({f"{stage}_metrics": StageMetrics(num_classes) for stage in ("train", "val", "test")})
+        # Multi-label runs: per-class average precision of the latest val and test epochs.
+        self.per_class_average_precision: dict[str, list[float | None]] = {}
+        stage_metrics = MultiLabelStageMetrics if multi_label else StageMetrics
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": stage_metrics(num_classes) for stage in ("train", "val", "test")})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -89,6 +110,11 @@ class Objective(L.LightningModule):
             logits = self.head(features)
             loss = self.loss(logits, flat_target)
             total = loss
+            for name, regularizer in self.regularizers.items():
+                term = regularizer(logits, flat_target)
+                self.log(f"{stage}/reg/{name}", term, on_step=False, on_epoch=True, sync_dist=True,
+                         batch_size=batch_size)
+                total = total + term
         else:
             embeddings = self.projector(features)
             if n_views > 1:
@@ -105,7 +131,7 @@ class Objective(L.LightningModule):
             self.log(f"{stage}/{name}", value.float(), on_step=False, on_epoch=True, reduce_fx="sum",
                      sync_dist=True, batch_size=batch_size)
         metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(logits, hard_target, evaluation=stage != "train")
+        metrics.update(logits, flat_target if self.multi_label else hard_target, evaluation=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=batch_size)
         return total
@@ -125,7 +151,13 @@ class Objective(L.LightningModule):
     def _finish_evaluation(self, stage: str) -> None:
         """Whole-set calibration of the epoch: ECE, adaptive and class-wise ECE, NLL, Brier, before and after
         temperature scaling. T is fitted on the validation split and applied unchanged to the test split
-        (Guo et al. 2017); a test without a preceding validation fits nothing and reports no ``*_ts``."""
+        (Guo et al. 2017); a test without a preceding validation fits nothing and reports no ``*_ts``.
+        Multi-label runs keep the per-class average precision instead."""
+        if self.multi_label:
+            per_class = self.metrics[f"{stage}_metrics"].finish_evaluation()
+            if per_class is not None:
+                self.per_class_average_precision[stage] = per_class
+            return
         summary = self.metrics[f"{stage}_metrics"].finish_evaluation(
             temperature=self.temperature, fit=stage == "val"
         )

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from losslab.recording import (
     write_atomic,
     write_json_atomic,
 )
+from losslab.regularizers import Regularizer
 from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
 
 log = logging.getLogger("losslab")
@@ -78,9 +80,41 @@ def _choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/") and v}
 
 
-def check_compatible(loss: Loss, datamodule: Any, choices: dict[str, str]) -> None:
+# Config groups whose choices turn hard labels into [N, C] probability targets (batch mixing, distillation);
+# "none" is the choice that leaves them hard.
+SOFT_TARGET_GROUPS = ("mixing", "teacher")
+
+
+def soft_target_source(choices: dict[str, str]) -> str | None:
+    """The first ``group=choice`` that makes the training targets soft, if any."""
+    for group in SOFT_TARGET_GROUPS:
+        if choices.get(group) not in (None, "none"):
+            return f"{group}={choices[group]}"
+    return None
+
+
+def check_compatible(
+    loss: Loss, datamodule: Any, choices: dict[str, str], regularizers: dict[str, Regularizer] | None = None
+) -> None:
     """Combinations that cannot work, rejected before any training, naming both choices."""
     loss_name, dataset_name = choices.get("loss", type(loss).__name__), choices.get("dataset", datamodule.name)
+    soft_from = soft_target_source(choices)
+    if soft_from and not (loss.kind == "classification" and loss.accepts_soft_targets):
+        raise ConfigError(
+            f"{soft_from} trains on [N, C] probability targets, but loss={loss_name} refuses them; "
+            f"use one of: {', '.join(loss_choices(lambda cls: cls.accepts_soft_targets))}"
+        )
+    if regularizers and datamodule.multi_label:
+        raise ConfigError(
+            f"regularizer={','.join(regularizers)} is a softmax term, but dataset={dataset_name} is multi-label "
+            "(independent sigmoids); leave out the regularizer"
+        )
+    if regularizers and loss.kind != "classification":
+        selected = next(iter(regularizers)) if len(regularizers) == 1 else f"[{','.join(regularizers)}]"
+        raise ConfigError(
+            f"regularizer={selected} adds a term on class logits, but loss={loss_name} is an {loss.kind} "
+            "loss without logits; choose a classification loss or leave out the regularizer"
+        )
     if loss.kind == "embedding" and datamodule.batch_size * max(datamodule.n_views, loss.n_views) < 2:
         raise ConfigError(
             f"loss={loss_name} compares samples within a batch, but dataset={dataset_name} has "
@@ -91,8 +125,37 @@ def check_compatible(loss: Loss, datamodule: Any, choices: dict[str, str]) -> No
             f"dataset.sampler=m_per_class groups batches by label, but loss={loss_name} uses no labels; "
             "use dataset.sampler=random"
         )
+    if datamodule.multi_label and not (loss.kind == "classification" and loss.supports_multi_label):
+        raise ConfigError(
+            f"loss={loss_name} does not support multi-label targets, but dataset={dataset_name} is multi-label; "
+            f"use one of: {', '.join(loss_choices(lambda cls: cls.supports_multi_label))}"
+        )
+    if datamodule.multi_label and datamodule.sampler == "m_per_class":
+        raise ConfigError(
+            f"dataset.sampler=m_per_class groups batches by a single label, but dataset={dataset_name} is "
+            "multi-label; use dataset.sampler=random"
+        )
     if datamodule.num_classes < 2:
         raise ConfigError(f"dataset={dataset_name} has {datamodule.num_classes} class; at least 2 are needed")
+
+
+def loss_choices(declares: Callable[[type[Loss]], bool]) -> list[str]:
+    """The classification loss choices (``configs/loss/*.yaml``) whose class satisfies ``declares``."""
+    names = []
+    for path in sorted((Path(config_dir()) / "loss").glob("*.yaml")):
+        loss_class = hydra.utils.get_class(OmegaConf.load(path)._target_)
+        if loss_class.kind == "classification" and declares(loss_class):
+            names.append(path.stem)
+    return names
+
+
+def _is_multi_label(cfg: DictConfig) -> bool:
+    """Whether the configured dataset's class yields multi-label targets (read before instantiating it)."""
+    try:
+        dataset_class = hydra.utils.get_class(cfg.dataset.get("_target_", ""))
+    except (ImportError, ValueError):  # a bad _target_ is reported, with its option, when instantiated
+        return False
+    return bool(getattr(dataset_class, "multi_label", False))
 
 
 def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
@@ -100,12 +163,16 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     choices = _choices()
     run_dir = Path(cfg.paths.output_dir)
     loss: Loss = _instantiate(cfg.loss, "loss")
+    regularizers: dict[str, Regularizer] = {
+        name: _instantiate(node, f"regularizer.{name}")
+        for name, node in (cfg.get("regularizer") or {}).items()
+    }
     datamodule = _instantiate(cfg.dataset, "dataset")
     datamodule.n_views = max(datamodule.n_views, loss.n_views)
     datamodule.prepare_data()
     datamodule.setup("fit")
     backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
-    check_compatible(loss, datamodule, choices)
+    check_compatible(loss, datamodule, choices, regularizers)
     try:
         backbone = hydra.utils.instantiate(
             cfg.backbone, in_channels=datamodule.num_channels, image_size=datamodule.image_size
@@ -121,6 +188,8 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         loss=loss,
         num_classes=datamodule.num_classes,
         class_counts=datamodule.class_counts,
+        regularizers=regularizers,
+        multi_label=datamodule.multi_label,
         optimizer=_instantiate(cfg.optimizer, "optimizer"),
         scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         **cfg.objective,
@@ -148,6 +217,13 @@ def _validate(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.optimized_metric!r}: sweeps may only select on validation metrics (val/...)"
         )
     callbacks = cfg.get("callbacks") or {}
+    if _is_multi_label(cfg):
+        # Multi-label datasets log no val/acc: selection left on it uses mean average precision, val/map.
+        with open_dict(cfg):
+            if cfg.optimized_metric == "val/acc":
+                cfg.optimized_metric = "val/map"
+            if callbacks.get("best_checkpoint") and callbacks.best_checkpoint.get("monitor") == "val/acc":
+                callbacks.best_checkpoint.monitor = "val/map"
     if cfg.dataset.get("val_fraction", 0) <= 0 and callbacks.get("best_checkpoint"):
         # Without a validation split there is nothing to select on: only last.ckpt is kept.
         with open_dict(cfg):
@@ -268,6 +344,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": _metrics(test_results, "test/"),
         "calibration": module.reliability,
         "per_class_accuracy": module.per_class_accuracy,
+        "per_class_average_precision": module.per_class_average_precision,
         "label_noise": _memorisation(module, datamodule),
         "best_epoch": best_epoch,
         "monitor": monitor,
@@ -339,9 +416,10 @@ def _print_summary(results: dict[str, Any]) -> None:
     from rich.console import Console
 
     test, val = results["test"], results["val"]
-    parts = [f"test/acc {test.get('acc', float('nan')):.4f}"]
-    if "acc" in val:
-        parts.append(f"val/acc {val['acc']:.4f}")
+    headline = "map" if "map" in test else "acc"  # multi-label runs have no accuracy
+    parts = [f"test/{headline} {test.get(headline, float('nan')):.4f}"]
+    if headline in val:
+        parts.append(f"val/{headline} {val[headline]:.4f}")
     if "ece" in test:
         parts.append(f"test/ece {test['ece']:.4f}")
     parts.append(f"{results['epochs_completed']} epochs in {results['wall_time_s']:.0f}s")

@@ -12,8 +12,9 @@ from losslab.data.datamodule import stratified_split
 from losslab.errors import ConfigError, DataNotFoundError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dataset"
+# The single-label in-memory datasets (the multi-label ones: test_multilabel_datasets.py).
 IN_MEMORY = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("_") and p.stem not in
-                   ("image_folder", "imagenet"))  # fmt: skip
+                   ("image_folder", "imagenet", "fashion_mnist_mosaic", "multilabel_folder"))  # fmt: skip
 
 
 def datamodule_from_config(name: str, data_dir: Path, **overrides) -> InMemoryDataModule:

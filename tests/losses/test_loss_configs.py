@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
 PAPER_DEFAULTS = {
     "ce": ("CrossEntropy", {}),
     "label_smoothing": ("LabelSmoothing", {"epsilon": 0.1}),
-    "focal": ("Focal", {"gamma": 2.0}),
+    "focal": ("Focal", {"gamma": 2.0, "sigmoid_alpha": 0.25}),
     "focal_adaptive": ("FocalAdaptive", {"gamma_low": 5.0, "gamma_high": 3.0, "p_threshold": 0.2}),
     "bce": ("BinaryCrossEntropy", {}),
     "mae": ("MeanAbsoluteError", {}),
@@ -35,6 +35,13 @@ PAPER_DEFAULTS = {
     "balanced_softmax": ("BalancedSoftmax", {}),
     "ldam": ("LDAM", {"max_margin": 0.5, "s": 30.0, "drw": True, "drw_start_fraction": 0.8, "beta": 0.9999}),
     "vs_loss": ("VectorScaling", {"gamma": 0.2, "tau": 1.5}),
+    "anyloss": ("AnyLoss", {"metric": "f1", "L": 73.0, "beta": 1.0}),
+    "dice": ("DiceSemimetricLoss", {"classes": "present", "threshold": 0.01}),
+    "jaccard": ("JaccardMetricLoss", {"classes": "present", "threshold": 0.01}),
+    "harmonic": ("Harmonic", {"n": None}),
+    "palm_zloss": ("PaLMZLoss", {"coefficient": 1e-4}),
+    "asl": ("AsymmetricLoss", {"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05, "reduction": "mean",
+                                "detach_focusing_weights": False}),
     "supcon": ("SupCon", {"temperature": 0.1}),
     "simclr": ("SimCLR", {"temperature": 0.5}),
 }

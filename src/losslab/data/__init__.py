@@ -2,5 +2,8 @@
 
 from losslab.data.datamodule import ImageDataModule, InMemoryDataModule
 from losslab.data.folder import FolderDataModule
+from losslab.data.multilabel import MosaicDataModule, MultiLabelFolderDataModule
 
-__all__ = ["FolderDataModule", "ImageDataModule", "InMemoryDataModule"]
+__all__ = [
+    "FolderDataModule", "ImageDataModule", "InMemoryDataModule", "MosaicDataModule", "MultiLabelFolderDataModule",
+]

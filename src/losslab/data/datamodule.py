@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -106,6 +106,9 @@ class ImageDataModule(L.LightningDataModule):
         self.std: torch.Tensor | None = None
         self.info: DataInfo | None = None
         self._augment_epoch, self._augment_batches = -1, 0
+
+    # Multi-label datasets yield [N, C] float multi-hot targets instead of [N] int64 labels.
+    multi_label: ClassVar[bool] = False
 
     # Filled in by subclasses' setup.
     num_channels: int

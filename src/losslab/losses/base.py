@@ -3,12 +3,22 @@ without ever naming a specific loss."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from losslab.errors import ConfigError
+
 KINDS = ("classification", "embedding")
+
+
+class SoftTargetError(ConfigError):
+    """A loss that is defined on class indices only was given probability targets."""
+
+
+def soft_target_losses_hint() -> str:
+    return "see the 'soft targets' column of docs/losses.md (e.g. ce, label_smoothing, bce, poly1)"
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -27,6 +37,9 @@ class Loss(nn.Module):
     ``accepts_soft_targets``: whether a classification loss takes ``[N, C]`` probability targets.
     ``needs_class_counts``: the training module calls :meth:`set_class_counts` with the training split's
     per-class counts before training (class priors for long-tail losses).
+    ``supports_multi_label``: whether a classification loss trains on multi-label datasets, whose targets are
+    ``[N, C]`` multi-hot; the training module then calls :meth:`set_multi_label` before training.
+    :meth:`build_head`: the module that turns a classification loss's features into its logits.
     """
 
     kind: ClassVar[str] = "classification"
@@ -34,10 +47,34 @@ class Loss(nn.Module):
     needs_labels: ClassVar[bool] = True
     accepts_soft_targets: ClassVar[bool] = False
     needs_class_counts: ClassVar[bool] = False
+    supports_multi_label: ClassVar[bool] = False
+    multi_label: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "classification" and not (self.accepts_soft_targets or self.multi_label):
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(target, torch.Tensor) and target.is_floating_point():
+                raise SoftTargetError(
+                    f"{type(self).__name__} is defined on class indices only and refuses [N, C] probability "
+                    f"targets (mixing, distillation); use a loss that accepts them: {soft_target_losses_hint()}"
+                )
+        return super().__call__(*args, **kwargs)
+
+    def build_head(self, feature_dim: int, num_classes: int) -> nn.Module:
+        """The classifier a classification loss is trained through: a linear layer, unless the loss owns
+        its head (e.g. the class centres of the harmonic loss). Its parameters train with the backbone."""
+        return nn.Linear(feature_dim, num_classes)
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
         """Receives the training split's samples per class (only called when ``needs_class_counts``)."""
         raise NotImplementedError(f"{type(self).__name__} declares needs_class_counts but does not take them")
+
+    def set_multi_label(self, multi_label: bool) -> None:
+        """Tells the loss whether its targets are ``[N, C]`` multi-hot label sets (a multi-label dataset), so a
+        loss with a single-label and a multi-label form (focal: softmax or sigmoid) picks the right one."""
+        if multi_label and not self.supports_multi_label:
+            raise TypeError(f"{type(self).__name__} does not declare supports_multi_label")
+        self.multi_label = multi_label
 
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
         """Called as every training epoch starts, for losses with a schedule (e.g. deferred re-weighting)."""

@@ -36,15 +36,37 @@ def as_probabilities(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return F.one_hot(target, logits.shape[-1]).to(logits.dtype)
 
 
-class Focal(Loss):
-    """Focal loss (Lin et al. 2017, "Focal loss for dense object detection", eq. 5), softmax form:
-    ``FL = -alpha_y (1 - p_y)^gamma log p_y``; gamma = 0 and no alpha is cross-entropy.
+def sigmoid_focal(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
+) -> torch.Tensor:
+    """Per-class sigmoid focal loss (Lin et al. 2017, eq. 5), ``[N, C]``: ``-alpha_t (1 - p_t)^gamma log p_t``
+    with ``p_t = p`` for positives and ``1 - p`` for negatives, ``alpha_t = alpha`` for positives and
+    ``1 - alpha`` for negatives (no weighting when alpha is None). ``log p_t`` is minus the binary
+    cross-entropy, so gamma = 0 and no alpha is exactly BCE."""
+    log_p_t = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = focal_term(log_p_t, gamma)
+    if alpha is not None:
+        loss = (alpha * target + (1.0 - alpha) * (1.0 - target)) * loss
+    return loss
 
-    ``alpha``: None (no weighting) or one non-negative weight per class, ``alpha_y`` being the weight of the
-    sample's class (the paper's alpha-balancing, eq. 3, for more than two classes).
+
+class Focal(Loss):
+    """Focal loss (Lin et al. 2017, "Focal loss for dense object detection", eq. 5).
+
+    Softmax form (single-label datasets): ``FL = -alpha_y (1 - p_y)^gamma log p_y``; gamma = 0 and no alpha is
+    cross-entropy. ``alpha``: None (no weighting) or one non-negative weight per class, ``alpha_y`` being the
+    weight of the sample's class (the paper's alpha-balancing, eq. 3, for more than two classes).
+
+    Sigmoid form (multi-label datasets, the paper's own binary form): :func:`sigmoid_focal` per class, summed
+    over classes and averaged over the batch. ``sigmoid_alpha`` weights positives (negatives get
+    ``1 - sigmoid_alpha``); the paper's 0.25, or None for no weighting.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: Sequence[float] | None = None) -> None:
+    supports_multi_label = True
+
+    def __init__(
+        self, gamma: float = 2.0, alpha: Sequence[float] | None = None, sigmoid_alpha: float | None = 0.25
+    ) -> None:
         super().__init__()
         if gamma < 0:
             raise ConfigError(f"loss.gamma={gamma}: must be >= 0")
@@ -52,11 +74,25 @@ class Focal(Loss):
             alpha = [float(weight) for weight in alpha]
             if not alpha or min(alpha) < 0:
                 raise ConfigError(f"loss.alpha={alpha}: must be null or a non-empty list of weights >= 0")
+        if sigmoid_alpha is not None and not 0.0 <= sigmoid_alpha <= 1.0:
+            raise ConfigError(f"loss.sigmoid_alpha={sigmoid_alpha}: must be null or in [0, 1]")
         self.gamma = gamma
+        self.sigmoid_alpha = sigmoid_alpha
         self.register_buffer("alpha", None if alpha is None else torch.tensor(alpha), persistent=False)
+
+    def set_multi_label(self, multi_label: bool) -> None:
+        if multi_label and self.alpha is not None:
+            raise ConfigError(
+                "loss.alpha weights the classes of the softmax (single-label) focal loss; on a multi-label "
+                "dataset the sigmoid form weights positives by loss.sigmoid_alpha: set loss.alpha=null"
+            )
+        super().set_multi_label(multi_label)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = upcast(logits)
+        if self.multi_label:
+            per_class = sigmoid_focal(logits, target.to(logits.dtype), self.gamma, self.sigmoid_alpha)
+            return per_class.sum(dim=-1).mean()
         loss = focal_term(target_log_probability(logits, target), self.gamma)
         if self.alpha is not None:
             if len(self.alpha) != logits.shape[-1]:
@@ -95,9 +131,11 @@ class FocalAdaptive(Loss):
 
 class BinaryCrossEntropy(Loss):
     """One-vs-rest sigmoid binary cross-entropy, summed over classes and averaged over the batch:
-    ``-sum_c [t_c log sigmoid(z_c) + (1 - t_c) log sigmoid(-z_c)]``, with t one-hot or a distribution."""
+    ``-sum_c [t_c log sigmoid(z_c) + (1 - t_c) log sigmoid(-z_c)]``, with t one-hot, a distribution, or the
+    multi-hot label set of a multi-label dataset (the standard multi-label BCE, one sigmoid per class)."""
 
     accepts_soft_targets = True
+    supports_multi_label = True
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = upcast(logits)

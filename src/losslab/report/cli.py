@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--higher-is-better", dest="higher", action="store_true", default=None,
                            help="rank by this direction (known for acc*, loss, nll, ece*, adaptive_ece*, "
-                                "classwise_ece*, brier*, map*, f1*)")
+                                "classwise_ece*, brier*, map*, f1*, hamming)")
     direction.add_argument("--lower-is-better", dest="higher", action="store_false")
     parser.add_argument("--allow-differ", nargs="+", action="extend", default=[], metavar="KEY",
                         help="config keys (dotted prefixes) runs may differ in besides the grouping keys and seed")

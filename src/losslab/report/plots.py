@@ -18,7 +18,8 @@ from losslab.report import ReportError
 from losslab.report.collect import MISSING
 from losslab.report.table import Group
 
-CURVES = (("val/acc", "validation accuracy"), ("train/loss", "training loss"))
+# Panels of the learning curves; one is drawn when some run logged its column (val/map: multi-label runs).
+CURVES = (("val/acc", "validation accuracy"), ("val/map", "validation mAP"), ("train/loss", "training loss"))
 
 
 def save(figure: Figure, out_dir: Path, name: str) -> Path:
@@ -48,11 +49,14 @@ def metric_plot(groups: list[Group], table: pd.DataFrame, metric: str) -> Figure
 
 
 def learning_curves(groups: list[Group]) -> Figure | None:
-    """Mean ± std over seeds per epoch of validation accuracy and training loss; None without metrics.csv."""
-    figure = Figure(figsize=(10, 3.6))
+    """Mean ± std over seeds per epoch of validation accuracy (mAP for multi-label runs) and training loss;
+    None without metrics.csv."""
+    curves = [(column, title) for column, title in CURVES
+              if any(run.curves is not None and column in run.curves for group in groups for run in group.runs)]
+    figure = Figure(figsize=(5 * max(1, len(curves)), 3.6))
     plotted = False
-    for index, (column, title) in enumerate(CURVES):
-        axes = figure.add_subplot(1, len(CURVES), index + 1)
+    for index, (column, title) in enumerate(curves):
+        axes = figure.add_subplot(1, len(curves), index + 1)
         for color, group in enumerate(groups):
             frames = [run.curves[["epoch", column]] for run in group.runs
                       if run.curves is not None and column in run.curves]

@@ -12,9 +12,9 @@ from scipy import stats
 from losslab.report import ReportError
 
 # Direction of each metric family by name prefix; "acc" also covers acc_top5, "ece" ece_ts. Brier and NLL
-# are proper scoring rules; map and f1 are the multi-label metrics.
+# are proper scoring rules; map, f1, acc_subset and hamming (the fraction of wrong labels) are the multi-label metrics.
 HIGHER_IS_BETTER = {"acc": True, "loss": False, "nll": False, "ece": False, "adaptive_ece": False,
-                    "classwise_ece": False, "brier": False, "map": True, "f1": True}
+                    "classwise_ece": False, "brier": False, "map": True, "f1": True, "hamming": False}
 
 
 def higher_is_better(metric: str) -> bool:
