@@ -327,3 +327,109 @@ def write_multilabel_folder(
         splits[split] = (paths, targets, np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8))
     (root / csv_name).write_text("\n".join(lines) + "\n")
     return MultiLabelFake(root, list(classes), splits)
+
+
+# ---- Class-disjoint metric-learning benchmarks (CUB-200-2011, Cars196, Stanford Online Products) -------------
+
+
+class ListingFake(NamedTuple):
+    directory: Path  # the dataset's folder (CUB_200_2011/, cars196/, Stanford_Online_Products/)
+    paths: list[str]  # image paths relative to ``directory``, in annotation order
+    labels: np.ndarray  # int64 class index (position in the dataset's full class list), in annotation order
+    images: np.ndarray  # uint8 [N, 3, H, W] as written (JPEG: compare with a tolerance)
+
+
+def _jpeg_images(rng: np.random.Generator, n: int, height: int, width: int, grey_first: bool = True) -> np.ndarray:
+    """Flat two-tone RGB images (top and bottom halves), which JPEG keeps nearly exact; the first is grey."""
+    images = np.empty((n, 3, height, width), np.uint8)
+    for i in range(n):
+        top, bottom = rng.integers(16, 240, size=(2, 1 if grey_first and i == 0 else 3))
+        images[i, :, : height // 2], images[i, :, height // 2 :] = top[:, None, None], bottom[:, None, None]
+    return images
+
+
+def _save_rgb_jpeg(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_jpeg(path, image, grey=bool((image[0] == image[1]).all() and (image[1] == image[2]).all()))
+
+
+def write_cub200(root: str | Path, class_ids: tuple[int, ...] = (1, 2, 3, 4, 5, 101, 102, 103), per_class: int = 4,
+                 size: tuple[int, int] = (20, 24)) -> ListingFake:  # fmt: skip
+    """CUB_200_2011/ with classes.txt (all 200 classes), images.txt, image_class_labels.txt,
+    train_test_split.txt and images/<class>/<name>.jpg for ``per_class`` images of each of ``class_ids``.
+    Image ids are shuffled against the class order, as nothing in the format promises grouping."""
+    directory = Path(root) / "CUB_200_2011"
+    rng = np.random.default_rng(2011)
+    names = {i: f"{i:03d}.Species_{i}" for i in range(1, 201)}
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    (directory / "classes.txt").write_text("".join(f"{i} {names[i]}\n" for i in range(1, 201)))
+    owners = rng.permutation(np.repeat(np.array(class_ids), per_class))
+    images = _jpeg_images(rng, len(owners), *size)
+    paths, listing, labels, split = [], [], [], []
+    for image_id, (class_id, image) in enumerate(zip(owners, images), 1):
+        relative = f"{names[class_id]}/Species_{class_id}_{image_id:04d}_{image_id}.jpg"
+        _save_rgb_jpeg(directory / "images" / relative, image)
+        paths.append(f"images/{relative}")
+        listing.append(f"{image_id} {relative}\n")
+        labels.append(f"{image_id} {class_id}\n")
+        split.append(f"{image_id} {image_id % 2}\n")
+    (directory / "images.txt").write_text("".join(listing))
+    (directory / "image_class_labels.txt").write_text("".join(labels))
+    (directory / "train_test_split.txt").write_text("".join(split))
+    return ListingFake(directory, paths, owners.astype(np.int64) - 1, images)
+
+
+def write_cars196(root: str | Path, class_ids: tuple[int, ...] = (1, 2, 3, 4, 98, 99, 150, 196), per_class: int = 4,
+                  size: tuple[int, int] = (20, 24)) -> ListingFake:  # fmt: skip
+    """cars196/ with cars_annos.mat (``annotations``: a struct per image with relative_im_path, bbox_x1..y2,
+    class and test, as MATLAB stores them; ``class_names``: all 196) and car_ims/<6 digits>.jpg."""
+    from scipy.io import savemat
+
+    directory = Path(root) / "cars196"
+    rng = np.random.default_rng(196)
+    owners = rng.permutation(np.repeat(np.array(class_ids), per_class))
+    images = _jpeg_images(rng, len(owners), *size)
+    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
+    annotations = np.empty((1, len(owners)), dtype=[(field, "O") for field in fields])
+    paths = []
+    for i, (class_id, image) in enumerate(zip(owners, images)):
+        relative = f"car_ims/{i + 1:06d}.jpg"
+        _save_rgb_jpeg(directory / relative, image)
+        paths.append(relative)
+        box = [np.array([[value]], np.uint16) for value in (1, 2, size[1] - 1, size[0] - 1)]
+        annotations[0, i] = (np.array([relative]), *box, np.array([[class_id]], np.uint8), np.array([[i % 2]], np.uint8))
+    class_names = np.empty((1, 196), dtype=object)
+    for i in range(196):
+        class_names[0, i] = f"Make{i + 1} Model {2000 + i % 13}"
+    savemat(directory / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    return ListingFake(directory, paths, owners.astype(np.int64) - 1, images)
+
+
+def write_stanford_online_products(root: str | Path, train_products: tuple[int, ...] = (3, 2, 4),
+                                   test_products: tuple[int, ...] = (2, 3, 1, 2),
+                                   size: tuple[int, int] = (20, 24)) -> ListingFake:  # fmt: skip
+    """Stanford_Online_Products/ with Ebay_train.txt and Ebay_test.txt (header ``image_id class_id super_class_id
+    path``) and <category>_final/<product>_<k>.JPG; ``train_products`` / ``test_products`` give each product's
+    image count (class ids 1.. for training products, then the test ones, as in the real files). Labels are
+    positions in the training products followed by the test products."""
+    directory = Path(root) / "Stanford_Online_Products"
+    rng = np.random.default_rng(22634)
+    categories = ("bicycle", "chair", "toaster")
+    paths, labels, rows = [], [], {"Ebay_train.txt": [], "Ebay_test.txt": []}
+    counts = [("Ebay_train.txt", n) for n in train_products] + [("Ebay_test.txt", n) for n in test_products]
+    image_id = 0
+    for class_index, (file, count) in enumerate(counts):
+        class_id, super_class = class_index + 1, class_index % len(categories) + 1
+        product = 111085122000 + class_id
+        for k in range(count):
+            image_id += 1
+            relative = f"{categories[super_class - 1]}_final/{product}_{k}.JPG"
+            paths.append(relative)
+            labels.append(class_index)
+            rows[file].append(f"{image_id} {class_id} {super_class} {relative}\n")
+    images = _jpeg_images(rng, len(paths), *size)
+    for relative, image in zip(paths, images):
+        _save_rgb_jpeg(directory / relative, image)
+    for file, lines in rows.items():
+        (directory / file).write_text("image_id class_id super_class_id path\n" + "".join(lines))
+    return ListingFake(directory, paths, np.array(labels, np.int64), images)

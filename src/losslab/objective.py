@@ -3,15 +3,16 @@
 It never names a specific loss. It reads what the loss declares (:class:`losslab.losses.base.Loss`):
 a ``classification`` loss gets the logits of the head it builds (:meth:`Loss.build_head`: linear unless
 the loss owns its head), and the selected regularisers (:mod:`losslab.regularizers`) add their terms to it;
-an ``embedding`` loss gets a projection head's embeddings (``[N, V, D]`` for multi-view batches), while an
-online linear probe on detached features (solo-learn's protocol) gives accuracy and calibration for it too.
+an ``embedding`` loss gets a projection head's embeddings (``[N, V, D]`` for multi-view batches; parameters it
+owns, such as class proxies, are created by :meth:`Loss.setup_embedding`), while an online linear probe
+on detached features (solo-learn's protocol) gives accuracy and calibration for it too.
 On a multi-label dataset (``[N, C]`` multi-hot targets) the loss is told so (:meth:`Loss.set_multi_label`)
 and the metrics are the multi-label ones (mAP, F1, exact match, Hamming).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -19,11 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losslab.distributed import gathers, global_batch, world_size
 from losslab.losses.base import KINDS, Loss
 from losslab.metrics import MultiLabelStageMetrics, StageMetrics
+from losslab.retrieval import RepresentationMetrics
 
 
 class Objective(L.LightningModule):
+    # Set by losslab.paradigm.freeze_backbone (paradigm=linear_eval): the backbone then stays in eval mode.
+    frozen_backbone = False
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -37,6 +43,9 @@ class Objective(L.LightningModule):
         class_counts: torch.Tensor | None = None,
         regularizers: Mapping[str, nn.Module] | None = None,
         multi_label: bool = False,
+        unseen_class_stages: Sequence[str] = (),
+        knn_k: int = 200,
+        knn_temperature: float = 0.07,
     ) -> None:
         super().__init__()
         if loss.kind not in KINDS:
@@ -75,6 +84,8 @@ class Objective(L.LightningModule):
             self.projector = nn.Sequential(
                 nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim)
             )
+            # Parameters the loss owns (class proxies) are created now, so the optimizer trains them.
+            loss.setup_embedding(projection_dim, num_classes)
         # Reliability-diagram data of the latest val and test epochs, before and after temperature scaling.
         self.reliability: dict[str, dict[str, list[float]]] = {}
         self.per_class_accuracy: dict[str, list[float]] = {}
@@ -84,6 +95,19 @@ class Objective(L.LightningModule):
         self.per_class_average_precision: dict[str, list[float | None]] = {}
         stage_metrics = MultiLabelStageMetrics if multi_label else StageMetrics
         self.metrics = nn.ModuleDict({f"{stage}_metrics": stage_metrics(num_classes) for stage in ("train", "val", "test")})
+        # The representation itself, on val and test (losslab.retrieval): kNN accuracy, retrieval, alignment and
+        # uniformity of the L2-normalised backbone features, for embedding losses and on class-disjoint datasets,
+        # whose unseen-class stages have no class outputs at all and are judged by retrieval alone.
+        self.unseen_class_stages = tuple(unseen_class_stages)
+        self.representation: RepresentationMetrics | None = None
+        if not multi_label and (loss.kind == "embedding" or self.unseen_class_stages):
+            self.representation = RepresentationMetrics(knn_k, knn_temperature)
+
+    def train(self, mode: bool = True) -> Objective:
+        super().train(mode)
+        if self.frozen_backbone:  # BatchNorm keeps the pretrained running statistics, whatever Lightning switches
+            self.backbone.eval()
+        return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -100,12 +124,16 @@ class Objective(L.LightningModule):
             return images.flatten(0, 1), target.repeat_interleave(n_views, dim=0), n_views
         return images, target, 1
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor | None:
         images, target = batch
         batch_size = images.shape[0]
         flat_images, flat_target, n_views = self._flatten_views(images, target)
         features = self.features(flat_images)
         hard_target = flat_target.argmax(dim=-1) if flat_target.is_floating_point() else flat_target
+        if self.representation is not None and stage != "train":
+            self.representation.update(stage, features.detach(), hard_target)
+        if stage in self.unseen_class_stages:
+            return None  # classes the model never trained on: no logits, loss or accuracy, only retrieval
         if self.loss.kind == "classification":
             logits = self.head(features)
             loss = self.loss(logits, flat_target)
@@ -119,7 +147,8 @@ class Objective(L.LightningModule):
             embeddings = self.projector(features)
             if n_views > 1:
                 embeddings = embeddings.view(batch_size, n_views, -1)
-            loss = self.loss(embeddings, target if self.loss.needs_labels else None)
+            # Under DDP a loss that couples the batch's samples sees every rank's (losslab.distributed).
+            loss = self.loss(*global_batch(self.loss, embeddings, target if self.loss.needs_labels else None))
             logits = self.head(features.detach())
             probe_loss = F.cross_entropy(logits.float(), hard_target)
             self.log(f"{stage}/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True,
@@ -127,9 +156,11 @@ class Objective(L.LightningModule):
             total = loss + probe_loss
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size,
                  prog_bar=stage != "test")
+        # A gathered loss counted the global batch on every rank: each rank logs its share of the counts.
+        counted_by = world_size() if gathers(self.loss) else 1
         for name, value in self.loss.extra_metrics().items():
-            self.log(f"{stage}/{name}", value.float(), on_step=False, on_epoch=True, reduce_fx="sum",
-                     sync_dist=True, batch_size=batch_size)
+            self.log(f"{stage}/{name}", value.float() / counted_by, on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True, batch_size=batch_size)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, flat_target if self.multi_label else hard_target, evaluation=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
@@ -178,12 +209,64 @@ class Objective(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
+        self._finish_representation("val")
 
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")
+        self._finish_representation("test")
+
+    def _finish_representation(self, stage: str) -> None:
+        """Logs the retrieval metrics, ``alignment`` and ``uniformity`` of the epoch's backbone features and, on a
+        stage of training classes, ``knn_acc`` against the training split (:class:`RepresentationMetrics`)."""
+        if self.representation is None:
+            return
+        if self.trainer.sanity_checking:
+            self.representation.reset(stage)
+            return
+        bank = None if stage in self.unseen_class_stages else self._training_features()
+        values = self.representation.compute(stage, bank)
+        if values is not None:
+            # Every rank holds the gathered set, so the values agree without another reduction.
+            self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+
+    @torch.no_grad()
+    def _training_features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kNN bank: backbone features of the training split, unaugmented, at the current weights, gathered
+        across ranks (None without a datamodule). An integer ``limit_train_batches`` (fast_dev_run sets 1) caps
+        the batches, as it caps training."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            return None
+        limit = trainer.limit_train_batches if isinstance(trainer.limit_train_batches, int) else None
+        bank = self.representation.bank
+        for index, (images, labels) in enumerate(datamodule.train_eval_dataloader()):
+            if limit is not None and index >= limit:
+                break
+            images, labels = datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
+            with trainer.precision_plugin.forward_context():
+                bank.update(self.features(images), labels)
+        if not bank.update_called:
+            return None
+        features, labels = bank.compute()
+        bank.reset()
+        return features, labels
+
+    def parameter_groups(self) -> Any:
+        """Every parameter at the optimizer's learning rate, except the loss's own ones (e.g. class proxies)
+        when the loss asks for ``lr_multiplier`` times it: they then form a second group carrying that factor."""
+        if self.loss.lr_multiplier == 1.0:
+            return self.parameters()
+        own = {id(parameter) for parameter in self.loss.parameters()}
+        return [
+            {"params": [parameter for parameter in self.parameters() if id(parameter) not in own]},
+            {"params": list(self.loss.parameters()), "lr_multiplier": self.loss.lr_multiplier},
+        ]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
+        for group in optimizer.param_groups:  # before any scheduler reads the groups' initial learning rates
+            group["lr"] = group["lr"] * group.get("lr_multiplier", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

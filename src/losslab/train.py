@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from losslab import paradigm
 from losslab.errors import ConfigError, LossLabError
 from losslab.losses.base import Loss
 from losslab.objective import Objective
@@ -151,11 +152,45 @@ def loss_choices(declares: Callable[[type[Loss]], bool]) -> list[str]:
 
 def _is_multi_label(cfg: DictConfig) -> bool:
     """Whether the configured dataset's class yields multi-label targets (read before instantiating it)."""
+    return _dataset_declares(cfg, "multi_label")
+
+
+def _dataset_declares(cfg: DictConfig, flag: str) -> bool:
+    """Whether the configured dataset's class sets ``flag`` (``multi_label``, ``class_disjoint``), read before
+    instantiating it."""
     try:
         dataset_class = hydra.utils.get_class(cfg.dataset.get("_target_", ""))
     except (ImportError, ValueError):  # a bad _target_ is reported, with its option, when instantiated
         return False
-    return bool(getattr(dataset_class, "multi_label", False))
+    return bool(getattr(dataset_class, flag, False))
+
+
+def _sampler_given() -> bool:
+    """Whether ``dataset.sampler`` was set on the command line (or by a sweep), which is then honoured."""
+    if not HydraConfig.initialized():
+        return False
+    keys = (override.lstrip("+~").split("=", 1)[0] for override in HydraConfig.get().overrides.task)
+    return "dataset.sampler" in keys
+
+
+def sample_positives(loss: Loss, datamodule: Any, choices: dict[str, str]) -> None:
+    """A loss that needs positives in its batches (pair and triplet losses) trains on batches from the m-per-class
+    sampler when ``dataset.sampler`` is the default ``random`` and was not given explicitly: random batches drawn
+    from many classes leave most anchors without a positive."""
+    if not loss.needs_positives or datamodule.sampler != "random" or _sampler_given():
+        return
+    loss_name, m = choices.get("loss", type(loss).__name__), datamodule.m_per_class
+    if m < 2 or datamodule.batch_size % m:
+        raise ConfigError(
+            f"loss={loss_name} needs positives in every batch, so its batches come from the m-per-class sampler, "
+            f"but dataset.m_per_class={m} must be >= 2 and divide dataset.batch_size={datamodule.batch_size}; "
+            "change one of them, or set dataset.sampler=random to keep random batches"
+        )
+    datamodule.sampler = "m_per_class"
+    log.info(
+        "loss=%s needs positives in every batch: batches come from dataset.sampler=m_per_class, %d samples per "
+        "class (dataset.sampler=random keeps random batches)", loss_name, m
+    )
 
 
 def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
@@ -163,6 +198,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     choices = _choices()
     run_dir = Path(cfg.paths.output_dir)
     loss: Loss = _instantiate(cfg.loss, "loss")
+    paradigm.check(cfg, loss, choices)
     regularizers: dict[str, Regularizer] = {
         name: _instantiate(node, f"regularizer.{name}")
         for name, node in (cfg.get("regularizer") or {}).items()
@@ -173,6 +209,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     datamodule.setup("fit")
     backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
     check_compatible(loss, datamodule, choices, regularizers)
+    sample_positives(loss, datamodule, choices)
     try:
         backbone = hydra.utils.instantiate(
             cfg.backbone, in_channels=datamodule.num_channels, image_size=datamodule.image_size
@@ -190,10 +227,12 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         class_counts=datamodule.class_counts,
         regularizers=regularizers,
         multi_label=datamodule.multi_label,
+        unseen_class_stages=list(datamodule.unseen_class_stages),
         optimizer=_instantiate(cfg.optimizer, "optimizer"),
         scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         **cfg.objective,
     )
+    paradigm.load_backbone(cfg, module, datamodule, choices)
     callbacks = [
         _instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node
     ]
@@ -224,6 +263,14 @@ def _validate(cfg: DictConfig) -> None:
                 cfg.optimized_metric = "val/map"
             if callbacks.get("best_checkpoint") and callbacks.best_checkpoint.get("monitor") == "val/acc":
                 callbacks.best_checkpoint.monitor = "val/map"
+    if _dataset_declares(cfg, "class_disjoint"):
+        # Class-disjoint datasets test unseen classes by retrieval (and validation may hold out classes too, then
+        # without val/acc): selection left on val/acc uses the protocol's metric on validation, val/map_at_r.
+        with open_dict(cfg):
+            if cfg.optimized_metric == "val/acc":
+                cfg.optimized_metric = "val/map_at_r"
+            if callbacks.get("best_checkpoint") and callbacks.best_checkpoint.get("monitor") == "val/acc":
+                callbacks.best_checkpoint.monitor = "val/map_at_r"
     if cfg.dataset.get("val_fraction", 0) <= 0 and callbacks.get("best_checkpoint"):
         # Without a validation split there is nothing to select on: only last.ckpt is kept.
         with open_dict(cfg):
@@ -303,12 +350,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     completed, resume_from = _previous_run(cfg, run_dir)
+    if completed is not None and paradigm.pretrained_changed(completed, cfg):
+        log.warning("%s: the checkpoint its backbone came from has changed since: running again", run_dir)
+        completed = None
     if completed is not None:
         log.info("%s: identical run already completed, skipping (skip_completed=false re-runs it)", run_dir)
         return completed
     if resume_from:
         log.info("resuming from %s", resume_from)
     _share_the_machine(cfg)
+    paradigm.train_pretrain_stage(cfg)  # a two-stage chain's pretraining run, trained or found complete first
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -349,6 +400,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "monitor": monitor,
         "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "last weights",
+        "pretrained": paradigm.provenance(cfg),
         "epochs_completed": len(epoch_rows),
         "wall_time_s": round(time.time() - started, 3),
         "fit_time_s": round(fit_seconds, 3),
@@ -416,7 +468,8 @@ def _print_summary(results: dict[str, Any]) -> None:
     from rich.console import Console
 
     test, val = results["test"], results["val"]
-    headline = "map" if "map" in test else "acc"  # multi-label runs have no accuracy
+    # Multi-label runs have no accuracy; class-disjoint ones none on test, where retrieval (MAP@R) is the measure.
+    headline = next((name for name in ("map", "acc", "map_at_r") if name in test), "acc")
     parts = [f"test/{headline} {test.get(headline, float('nan')):.4f}"]
     if headline in val:
         parts.append(f"val/{headline} {val[headline]:.4f}")

@@ -12,9 +12,11 @@ from losslab.data.datamodule import stratified_split
 from losslab.errors import ConfigError, DataNotFoundError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dataset"
-# The single-label in-memory datasets (the multi-label ones: test_multilabel_datasets.py).
+# The single-label in-memory datasets (the multi-label ones: test_multilabel_datasets.py; the class-disjoint
+# folder benchmarks: test_disjoint.py).
 IN_MEMORY = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("_") and p.stem not in
-                   ("image_folder", "imagenet", "fashion_mnist_mosaic", "multilabel_folder"))  # fmt: skip
+                   ("image_folder", "imagenet", "fashion_mnist_mosaic", "multilabel_folder", "cub200", "cars196",
+                    "sop"))  # fmt: skip
 
 
 def datamodule_from_config(name: str, data_dir: Path, **overrides) -> InMemoryDataModule:

@@ -44,6 +44,23 @@ PAPER_DEFAULTS = {
                                 "detach_focusing_weights": False}),
     "supcon": ("SupCon", {"temperature": 0.1}),
     "simclr": ("SimCLR", {"temperature": 0.5}),
+    "dcl": ("DCL", {"temperature": 0.1}),
+    "dclw": ("DCLW", {"temperature": 0.1, "sigma": 0.5}),
+    "align_uniform": ("AlignUniform", {"alpha": 2.0, "t": 2.0, "lam_align": 1.0, "lam_uniform": 1.0}),
+    "siglip": ("SigLIP", {"temperature_init": 10.0, "bias_init": -10.0}),
+    "supcon_relu": ("SupConReLU", {"temperature": 0.1}),
+    "contrastive": ("Contrastive", {"margin": 1.0, "distance": "euclidean", "normalize": True}),
+    "triplet": ("Triplet", {"margin": 0.2, "mining": "batch_hard", "soft_margin": True, "normalize": False,
+                            "squared": False}),
+    "circle": ("Circle", {"margin": 0.4, "gamma": 80.0}),
+    "multi_similarity": ("MultiSimilarity", {"alpha": 2.0, "beta": 50.0, "lambda_": 1.0, "epsilon": 0.1}),
+    "tcm": ("ThresholdConsistentMargin", {"lambda_plus": 1.0, "lambda_minus": 1.0, "margin_plus": 0.9,
+                                          "margin_minus": 0.5}),
+    "ge2e": ("GE2E", {"w_init": 10.0, "b_init": -5.0, "variant": "softmax"}),
+    "arcface": ("ArcFace", {"s": 64.0, "m": 0.5, "margin_form": "paper", "lr_multiplier": 1.0}),
+    "cosface": ("CosFace", {"s": 64.0, "m": 0.35, "lr_multiplier": 1.0}),
+    "normface": ("NormFace", {"s": 10.0, "learn_s": True, "lr_multiplier": 1.0}),
+    "proxy_anchor": ("ProxyAnchor", {"alpha": 32.0, "delta": 0.1, "lr_multiplier": 100.0}),
 }
 
 

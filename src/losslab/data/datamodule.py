@@ -109,6 +109,10 @@ class ImageDataModule(L.LightningDataModule):
 
     # Multi-label datasets yield [N, C] float multi-hot targets instead of [N] int64 labels.
     multi_label: ClassVar[bool] = False
+    # Class-disjoint datasets (the metric-learning protocol, losslab.data.disjoint) test on classes never
+    # trained on: those evaluation stages have no class outputs and are judged by retrieval.
+    class_disjoint: ClassVar[bool] = False
+    unseen_class_stages: tuple[str, ...] = ()
 
     # Filled in by subclasses' setup.
     num_channels: int
@@ -287,6 +291,10 @@ class InMemoryDataModule(ImageDataModule):
 
     def test_dataloader(self) -> TensorBatches:
         return self._loader(self.test_split, training=False)
+
+    def train_eval_dataloader(self) -> TensorBatches:
+        """The training split as evaluation sees data (no augmentation, one view): the kNN bank."""
+        return self._loader(self.train_split, training=False)
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -151,3 +151,7 @@ class FolderDataModule(ImageDataModule):
     def test_dataloader(self) -> DataLoader:
         index = torch.arange(len(self._test))
         return self._loader(self._test, index, torch.tensor(self._test.targets), training=False)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training split as evaluation sees data (no augmentation, one view): the kNN bank."""
+        return self._loader(self._train, self._train_index, self._train_labels, training=False)

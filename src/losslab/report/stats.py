@@ -13,8 +13,12 @@ from losslab.report import ReportError
 
 # Direction of each metric family by name prefix; "acc" also covers acc_top5, "ece" ece_ts. Brier and NLL
 # are proper scoring rules; map, f1, acc_subset and hamming (the fraction of wrong labels) are the multi-label metrics.
+# The representation metrics (losslab.retrieval): knn_acc, map_at_r, precision_at_1, r_precision, recall_at_k, and
+# Wang & Isola's alignment and uniformity, both lower for a better-aligned, more uniform embedding.
 HIGHER_IS_BETTER = {"acc": True, "loss": False, "nll": False, "ece": False, "adaptive_ece": False,
-                    "classwise_ece": False, "brier": False, "map": True, "f1": True, "hamming": False}
+                    "classwise_ece": False, "brier": False, "map": True, "f1": True, "hamming": False,
+                    "knn_acc": True, "precision_at": True, "r_precision": True, "recall_at": True,
+                    "alignment": False, "uniformity": False}
 
 
 def higher_is_better(metric: str) -> bool:
