@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_objective import reference_ece
 
 from conftest import run_training
 from losslab.metrics import (
@@ -17,6 +16,7 @@ from losslab.metrics import (
     fit_temperature,
     reliability_bins,
 )
+from test_objective import reference_ece
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import run_training
 from losslab.errors import ConfigError
@@ -14,6 +13,7 @@ from losslab.losses import CrossEntropy, SupCon
 from losslab.losses.multilabel import AsymmetricLoss
 from losslab.metrics import MultilabelMeanAveragePrecision, MultiLabelStageMetrics
 from losslab.objective import Objective
+from reference import TinyBackbone
 
 # 4 images, 3 classes; the third class has no positive.
 PROBABILITIES = torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.8, 0.2], [0.6, 0.4, 0.3], [0.2, 0.7, 0.05]])
@@ -51,16 +51,6 @@ def test_mean_average_precision_skips_classes_without_positives_where_torchmetri
     with pytest.warns(UserWarning):
         counted = multilabel_average_precision(PROBABILITIES, TARGET, num_labels=3)
     assert float(counted) == pytest.approx(EXPECTED["map"] * 2 / 3)
-
-
-class TinyBackbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(12, 6)
-        self.feature_dim = 6
-
-    def forward(self, x):
-        return self.linear(x.flatten(1))
 
 
 def module_for(loss, multi_label=True):

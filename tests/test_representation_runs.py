@@ -6,26 +6,16 @@ import json
 import math
 
 import torch
-from torch import nn
 
 import fake_formats
 from conftest import compose_config, run_training
 from losslab.losses import CrossEntropy, SupCon
 from losslab.objective import Objective
 from losslab.train import _validate
+from reference import TinyBackbone
 
 RETRIEVAL = ["precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8"]
 QUIET = ["trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"]
-
-
-class TinyBackbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(12, 6)
-        self.feature_dim = 6
-
-    def forward(self, x):
-        return self.linear(x.flatten(1))
 
 
 def module_for(loss, **options):

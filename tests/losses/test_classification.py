@@ -8,6 +8,7 @@ import torch
 from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy, LabelSmoothing
 from losslab.losses.classification import PaLMZLoss, palm_z_loss
+from reference import finite_difference_gradient
 
 
 def loop_cross_entropy(logits, target_probabilities):
@@ -106,16 +107,6 @@ def loop_palm_z_loss(logits, labels, coefficient=1e-4):
         log_z = loop_log_normaliser(row)
         total += (log_z - row[label]) + coefficient * log_z**2
     return total / len(logits)
-
-
-def finite_difference_gradient(reference, logits, step=1e-6):
-    gradient = torch.zeros_like(logits)
-    for index in range(logits.numel()):
-        plus, minus = logits.clone(), logits.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 @pytest.mark.parametrize("coefficient", [1e-4, 0.3])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from losslab.errors import ConfigError
 from losslab.losses import SupCon
+from reference import finite_difference_gradient
 
 
 def loop_supcon(embeddings, labels, temperature):
@@ -184,16 +185,6 @@ def loop_siglip(embeddings, labels, temperature, bias):
             sign = 1.0 if y[i] == y[j] else -1.0
             total += -math.log(1 / (1 + math.exp(sign * (-temperature * _dot(z[i][0], z[j][1]) - bias))))
     return total / n
-
-
-def finite_difference_gradient(reference, embeddings, step=1e-6):
-    gradient = torch.zeros_like(embeddings)
-    for index in range(embeddings.numel()):
-        plus, minus = embeddings.clone(), embeddings.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 def value_and_gradient(loss, embeddings, labels=None):

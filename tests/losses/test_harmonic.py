@@ -11,6 +11,7 @@ from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy, SupCon
 from losslab.losses.harmonic import Harmonic, HarmonicHead
 from losslab.objective import Objective
+from reference import finite_difference_gradient
 
 FEATURES, CLASSES = 6, 4
 
@@ -28,16 +29,6 @@ def loop_harmax(features, centres, n):
 def loop_harmonic_loss(features, centres, labels, n):
     rows = loop_harmax(features, centres, n)
     return sum(-math.log(row[y]) for row, y in zip(rows, labels.tolist())) / len(rows)
-
-
-def finite_difference_gradient(reference, tensor, step=1e-6):
-    gradient = torch.zeros_like(tensor)
-    for index in range(tensor.numel()):
-        plus, minus = tensor.clone(), tensor.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 @pytest.fixture

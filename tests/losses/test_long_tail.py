@@ -10,6 +10,7 @@ import torch
 from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy
 from losslab.losses.long_tail import LDAM, BalancedSoftmax, LogitAdjust, VectorScaling
+from reference import finite_difference_gradient
 
 COUNTS = [500, 120, 30, 7, 1]  # long-tailed, with a class of a single sample
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
@@ -104,16 +105,6 @@ def batch():
     logits = torch.randn(9, 5, generator=generator, dtype=torch.float64) * 3
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 4])
     return logits, labels
-
-
-def finite_difference_gradient(reference, logits, step=1e-6):
-    gradient = torch.zeros_like(logits)
-    for index in range(logits.numel()):
-        plus, minus = logits.clone(), logits.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, f
 
 from losslab.errors import ConfigError
 from losslab.losses.metric_losses import AnyLoss, DiceSemimetricLoss, JaccardMetricLoss
+from reference import finite_difference_gradient
 
 
 def loop_softmax(row):
@@ -147,16 +148,6 @@ BATCHES = [
     "binary_only_positives",
     "all_equal_logits",
 ]
-
-
-def finite_difference_gradient(reference, logits, step=1e-6):
-    gradient = torch.zeros_like(logits)
-    for index in range(logits.numel()):
-        plus, minus = logits.clone(), logits.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 @pytest.mark.parametrize("batch_name", BATCHES)

@@ -18,6 +18,7 @@ from losslab.losses.polynomial import (
     StableMax,
     ZLossSpherical,
 )
+from reference import finite_difference_gradient
 
 
 def loop_softmax(row):
@@ -92,16 +93,6 @@ def loop_encouraging(logits, labels, log_end=0.75):
 
 def one_hot(labels, classes):
     return torch.nn.functional.one_hot(labels, classes).double()
-
-
-def finite_difference_gradient(reference, logits, step=1e-6):
-    gradient = torch.zeros_like(logits)
-    for index in range(logits.numel()):
-        plus, minus = logits.clone(), logits.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 CASES = {

@@ -18,6 +18,7 @@ from losslab.losses.base import Loss
 from losslab.losses.proxy import ArcFace, CosFace, NormFace, ProxyAnchor
 from losslab.objective import Objective
 from losslab.optim import cosine
+from reference import TinyBackbone
 
 N_CLASSES, DIM = 4, 5
 
@@ -380,16 +381,6 @@ def test_bad_hyperparameters_name_their_option(make, kwargs, option):
 
 
 # The training module: the hook, the proxies as trained parameters, their learning rate.
-
-
-class TinyBackbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(12, 6)
-        self.feature_dim = 6
-
-    def forward(self, x):
-        return self.linear(x.flatten(1))
 
 
 def module_for(loss, projection_dim=4):

@@ -7,6 +7,8 @@ import test_baselines
 import test_polynomial
 import torch
 
+from reference import finite_difference_gradient
+
 CASES = {
     **{f"baselines/{key}": case for key, case in test_baselines.CASES.items()},
     **{f"polynomial/{key}": case for key, case in test_polynomial.CASES.items()},
@@ -19,16 +21,6 @@ def batch():
     logits = torch.randn(7, 5, generator=generator, dtype=torch.float64) * 3
     labels = torch.randint(0, 5, (7,), generator=generator)
     return logits, labels
-
-
-def finite_difference_gradient(reference, logits, step=1e-6):
-    gradient = torch.zeros_like(logits)
-    for index in range(logits.numel()):
-        plus, minus = logits.clone(), logits.clone()
-        plus.view(-1)[index] += step
-        minus.view(-1)[index] -= step
-        gradient.view(-1)[index] = (reference(plus) - reference(minus)) / (2 * step)
-    return gradient
 
 
 @pytest.mark.parametrize("name", CASES)
