@@ -61,6 +61,10 @@ PAPER_DEFAULTS = {
     "cosface": ("CosFace", {"s": 64.0, "m": 0.35, "lr_multiplier": 1.0}),
     "normface": ("NormFace", {"s": 10.0, "learn_s": True, "lr_multiplier": 1.0}),
     "proxy_anchor": ("ProxyAnchor", {"alpha": 32.0, "delta": 0.1, "lr_multiplier": 100.0}),
+    "xbm": ("CrossBatchMemory", {"memory_size": 55000, "start_iteration": 1000, "weight": 1.0}),
+    "mochi": ("MoCHi", {"temperature": 0.2, "queue_size": 4096, "hard_negatives": 256, "mixed_negatives": 512,
+                        "query_mixed_negatives": 256}),
+    "metrix": ("Metrix", {"alpha": 2.0, "mixing_strength": 0.4}),
 }
 
 

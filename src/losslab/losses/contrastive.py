@@ -46,17 +46,19 @@ class SupCon(Loss):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = _flatten_views(embeddings, labels)
         features = F.normalize(upcast(features), dim=-1)
-        n = features.shape[0]
-        self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
-        logits = (features @ features.T / self.temperature).masked_fill(self_mask, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        positives = (labels[:, None] == labels[None, :]) & ~self_mask
-        n_positives = positives.sum(dim=1)
+        _, own, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        n_positives = counts[own] - 1
         has_positive = n_positives > 0
         self.anchors_without_positives = (~has_positive).sum().detach()
         if not has_positive.any():
             return features.sum() * 0.0
-        mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_positives.clamp_min(1)
+        # The only N×N work is the logits and their log-sum-exp: log p_ip summed over the positives is
+        # z_i·(sum of i's class − z_i)/τ − |P(i)| log-sum-exp_i, so no positive mask is built.
+        logits = (features / self.temperature) @ features.T
+        logits.fill_diagonal_(float("-inf"))  # not needed by the matmul's backward, so filled in place
+        class_sums = features.new_zeros(len(counts), features.shape[1]).index_add(0, own, features)
+        positive_logits = (features * (class_sums[own] - features)).sum(dim=1) / self.temperature
+        mean_log_prob = positive_logits / n_positives.clamp_min(1) - torch.logsumexp(logits, dim=1)
         return -mean_log_prob[has_positive].mean()
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:

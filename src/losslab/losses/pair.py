@@ -11,6 +11,12 @@ m-per-class sampler unless ``dataset.sampler`` is set explicitly. Anchors withou
 negative, where the loss needs one) are left out and counted (``anchors_without_positives``,
 ``anchors_without_negatives``); a batch with no anchor left gives a zero loss that keeps its graph.
 Half-precision embeddings are computed in float32, with autocast off for the distances.
+
+Reference embeddings: :class:`Contrastive`, :class:`Triplet`, :class:`Circle` and :class:`MultiSimilarity` also
+take ``reference_embeddings [R, D]`` and ``reference_labels [R]``, the candidates every anchor is compared with
+(default: the batch itself), so their N×N matrices become N×R. The references begin with the anchors' own rows
+(copies, e.g. detached), which are never paired with their anchor: the cross-batch memory
+(:class:`losslab.losses.memory.CrossBatchMemory`) passes the batch followed by its stored embeddings.
 """
 
 from __future__ import annotations
@@ -33,29 +39,64 @@ TRIPLET_CHUNK = 2**22
 DISTANCE_CHUNK = 2**24
 
 
-def _label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(positives, negatives)``, ``[M, M]`` booleans: same label and not itself; another label."""
-    same = labels[:, None] == labels[None, :]
-    itself = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+def _label_masks(
+    labels: torch.Tensor, reference_labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positives, negatives)``, ``[M, R]`` booleans: same label and not itself; another label. The references
+    default to the anchors; given, their first M rows are the anchors themselves."""
+    references = labels if reference_labels is None else reference_labels
+    same = labels[:, None] == references[None, :]
+    itself = torch.eye(len(labels), len(references), dtype=torch.bool, device=labels.device)
     return same & ~itself, ~same
 
 
-def _cosine_similarity(features: torch.Tensor) -> torch.Tensor:
+def _cosine_similarity(features: torch.Tensor, references: torch.Tensor | None = None) -> torch.Tensor:
     with torch.autocast(features.device.type, enabled=False):
         z = F.normalize(features, dim=-1)
-        return z @ z.T
+        return z @ (z if references is None else F.normalize(references, dim=-1)).T
 
 
-def _euclidean_distance(features: torch.Tensor, squared: bool = False) -> torch.Tensor:
-    # Differences rather than the |a|² + |b|² - 2ab expansion: exact zeros for equal embeddings, whose gradient
-    # cdist then defines as 0 instead of the square root's infinite slope. cdist's CUDA backward holds a
-    # rows × N × D buffer, hence the blocks of rows.
-    rows = max(1, DISTANCE_CHUNK // features.numel())
+def _euclidean_distance(
+    features: torch.Tensor, squared: bool = False, references: torch.Tensor | None = None
+) -> torch.Tensor:
+    if references is not None:  # anchors against other candidates (a memory): every pair from its differences
+        with torch.autocast(features.device.type, enabled=False):
+            return _difference_distance(features, squared, references)
+    # cdist's matmul form |a|² + |b|² − 2a·b (one matmul each way, two N×N passes) leaves close pairs few
+    # correct digits and equal embeddings no exact zero, where the square root's slope is infinite. Pairs other
+    # than a sample with itself closer than eps^¼·sqrt(2 max|x|²) (duplicates) are recomputed from their
+    # differences: exact zeros, whose gradient is 0 as in cdist. Past two such pairs per sample (a collapsed
+    # batch) every pair is computed from differences. The diagonal is left inexact: every loss leaves a sample's
+    # pair with itself out, so neither its value nor a gradient through it is ever used.
     with torch.autocast(features.device.type, enabled=False):
-        distance = torch.cat(
-            [torch.cdist(block, features, compute_mode="donot_use_mm_for_euclid_dist") for block in features.split(rows)]
-        )
+        distance = torch.cdist(features, features, compute_mode="use_mm_for_euclid_dist")
+        largest_norm = features.detach().square().sum(dim=1).max()
+        close = distance <= torch.finfo(features.dtype).eps ** 0.25 * (2.0 * largest_norm).sqrt()
+        close.fill_diagonal_(False)
+        rows, columns = close.nonzero(as_tuple=True)
+        if len(rows) > 2 * len(features):
+            return _difference_distance(features, squared)
+        if len(rows) > 0:
+            exact = torch.linalg.vector_norm(features[rows] - features[columns], dim=1)
+            distance = distance.index_put((rows, columns), exact)
     return distance.square() if squared else distance
+
+
+def _difference_distance(
+    features: torch.Tensor, squared: bool, references: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every pair's distance from its coordinate differences, to the references (default: the features).
+    cdist's CUDA backward holds a rows × R × D buffer, hence the blocks of rows."""
+    references = features if references is None else references
+    rows = max(1, DISTANCE_CHUNK // references.numel())
+    distance = torch.cat([
+        torch.cdist(block, references, compute_mode="donot_use_mm_for_euclid_dist") for block in features.split(rows)
+    ])  # fmt: skip
+    return distance.square() if squared else distance
+
+
+def _normalized(references: torch.Tensor | None) -> torch.Tensor | None:
+    return None if references is None else F.normalize(references, dim=-1)
 
 
 def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -75,15 +116,22 @@ class _PairLoss(Loss):
         self.anchors_without_positives = torch.zeros(())
         self.anchors_without_negatives = torch.zeros(())
 
-    def _batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(features [M, D], positives [M, M], negatives [M, M], kept [M])``, ``kept`` the anchors with at
-        least one positive and one negative."""
+    def _batch(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference_embeddings: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``(features [M, D], references [R, D] or None, positives [M, R], negatives [M, R], kept [M])``,
+        ``kept`` the anchors with at least one positive and one negative; no references: the batch itself."""
         features, labels = _flatten_views(embeddings, labels)
-        positives, negatives = _label_masks(labels)
+        references = None if reference_embeddings is None else upcast(reference_embeddings)
+        positives, negatives = _label_masks(labels, reference_labels)
         has_positive, has_negative = positives.any(dim=1), negatives.any(dim=1)
         self.anchors_without_positives = (~has_positive).sum().detach()
         self.anchors_without_negatives = (has_positive & ~has_negative).sum().detach()
-        return upcast(features), positives, negatives, has_positive & has_negative
+        return upcast(features), references, positives, negatives, has_positive & has_negative
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {
@@ -112,16 +160,32 @@ class Contrastive(_PairLoss):
             raise ConfigError(f"loss.margin={margin}: must be > 0")
         self.margin, self.distance, self.normalize = margin, distance, normalize
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features, positives, negatives, _ = self._batch(embeddings, labels)
-        if features.shape[0] < 2:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference_embeddings: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, references, positives, negatives, _ = self._batch(
+            embeddings, labels, reference_embeddings, reference_labels
+        )
+        n, candidates = positives.shape
+        if candidates < 2:
             return features.sum() * 0.0
         if self.distance == "cosine":
-            distance = 1.0 - _cosine_similarity(features)
+            distance = 1.0 - _cosine_similarity(features, references)
+        elif self.normalize:
+            distance = _euclidean_distance(F.normalize(features, dim=-1), references=_normalized(references))
         else:
-            distance = _euclidean_distance(F.normalize(features, dim=-1) if self.normalize else features)
-        per_pair = torch.where(positives, distance.square(), F.relu(self.margin - distance).square())
-        return 0.5 * per_pair[positives | negatives].mean()
+            distance = _euclidean_distance(features, references=references)
+        # A negative pair's hinge max(0, m − D) is m − min(D, m); the other pairs are set to m, no term. The
+        # positive pairs, few in m-per-class batches, are gathered. This takes the fewest passes over N×N.
+        hinged = torch.where(negatives, distance.clamp_max(self.margin), self.margin)
+        negative_terms = F.mse_loss(hinged, hinged.new_tensor(self.margin).expand_as(hinged), reduction="sum")
+        anchors, partners = positives.nonzero(as_tuple=True)
+        positive_terms = distance[anchors, partners].square().sum()
+        return 0.5 * (negative_terms + positive_terms) / (n * (candidates - 1))
 
 
 class Triplet(_PairLoss):
@@ -160,14 +224,22 @@ class Triplet(_PairLoss):
         """``f(D_ap − D_an)``."""
         return F.softplus(difference) if self.soft_margin else F.relu(self.margin + difference)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features, positives, negatives, kept = self._batch(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference_embeddings: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, references, positives, negatives, kept = self._batch(
+            embeddings, labels, reference_embeddings, reference_labels
+        )
         self.positive_pairs_without_semi_hard_negative = torch.zeros((), dtype=torch.long, device=features.device)
         if not kept.any():
             return features.sum() * 0.0
         if self.normalize:
-            features = F.normalize(features, dim=-1)
-        distance = _euclidean_distance(features, self.squared)[kept]
+            features, references = F.normalize(features, dim=-1), _normalized(references)
+        distance = _euclidean_distance(features, self.squared, references)[kept]
         positives, negatives = positives[kept], negatives[kept]
         if self.mining == "batch_hard":
             hardest_positive = distance.masked_fill(~positives, float("-inf")).amax(dim=1)
@@ -242,11 +314,19 @@ class Circle(_PairLoss):
             raise ConfigError(f"loss.gamma={gamma}: must be > 0")
         self.margin, self.gamma = margin, gamma
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features, positives, negatives, kept = self._batch(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference_embeddings: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, references, positives, negatives, kept = self._batch(
+            embeddings, labels, reference_embeddings, reference_labels
+        )
         if not kept.any():
             return features.sum() * 0.0
-        similarity = _cosine_similarity(features)[kept]
+        similarity = _cosine_similarity(features, references)[kept]
         positives, negatives = positives[kept], negatives[kept]
         fixed = similarity.detach()
         alpha_p = F.relu(1.0 + self.margin - fixed)
@@ -284,17 +364,30 @@ class MultiSimilarity(_PairLoss):
             raise ConfigError(f"loss.epsilon={epsilon}: must be >= 0")
         self.alpha, self.beta, self.lambda_, self.epsilon = alpha, beta, lambda_, epsilon
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features, positives, negatives, kept = self._batch(embeddings, labels)
-        if not kept.any():
-            return features.sum() * 0.0
-        similarity = _cosine_similarity(features)[kept]
-        positives, negatives = positives[kept], negatives[kept]
+    def mine(
+        self, similarity: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs the ε-mining keeps, ``(positives, negatives)`` masks within the given ones, for the rows of
+        anchors with a positive and a negative (the similarities are constants here)."""
         fixed = similarity.detach()
         hardest_positive = fixed.masked_fill(~positives, float("inf")).amin(dim=1, keepdim=True)
         hardest_negative = fixed.masked_fill(~negatives, float("-inf")).amax(dim=1, keepdim=True)
-        mined_positives = positives & (fixed < hardest_negative + self.epsilon)
-        mined_negatives = negatives & (fixed > hardest_positive - self.epsilon)
+        return positives & (fixed < hardest_negative + self.epsilon), negatives & (fixed > hardest_positive - self.epsilon)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference_embeddings: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, references, positives, negatives, kept = self._batch(
+            embeddings, labels, reference_embeddings, reference_labels
+        )
+        if not kept.any():
+            return features.sum() * 0.0
+        similarity = _cosine_similarity(features, references)[kept]
+        mined_positives, mined_negatives = self.mine(similarity, positives[kept], negatives[kept])
         shifted = similarity - self.lambda_
         positive_term = _log_one_plus_sum_exp(-self.alpha * shifted, mined_positives) / self.alpha
         negative_term = _log_one_plus_sum_exp(self.beta * shifted, mined_negatives) / self.beta
@@ -383,7 +476,7 @@ class GE2E(_PairLoss):
         self.b = nn.Parameter(torch.tensor(self.b_init))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features, _, _, kept = self._batch(embeddings, labels)
+        features, _, _, _, kept = self._batch(embeddings, labels)
         if not kept.any():
             return features.sum() * 0.0
         _, labels = _flatten_views(embeddings, labels)
