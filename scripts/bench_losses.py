@@ -9,15 +9,23 @@ given the same proxies, is timed in the same process on the same inputs, the rep
 that load on a shared machine hits both alike; the table gives the ratio of the medians, ours / PML.
 
 "largest / N²" is the largest tensor any operation produces in one forward + backward (recorded with a
-TorchDispatchMode), in units of N² elements: no loss of ours may exceed ``MAX_ELEMENTS_PER_N2``. PML's column
-shows where it builds O(N³) or O(N² D) tensors; PML runs whose largest tensor would exceed
-``PML_BYTE_BUDGET`` are skipped. On CUDA the peak allocated memory of one step is shown too.
+TorchDispatchMode), in units of N² elements, ours / PML's; PML's shows where it builds O(N³) or O(N² D)
+tensors (">2 GiB": PML skipped, its largest tensor alone would take more). "growth" is the exponent k of that size ∝ N^k, measured from one step at N = 128 and 256. A loss
+of ours must stay within ``MAX_ELEMENTS_PER_N2`` N², or grow at most linearly (a tensor N × a queue of fixed
+size); one growing faster than N² is skipped where its largest tensor would pass ``BYTE_BUDGET``, as is a PML
+run, and a loss of ours whose step would take longer than ``STEP_SECONDS_BUDGET`` (both extrapolated from the
+probes). "loss Δ" is |ours − PML| / |PML| for the loss values: about 1e-7 where the formulas agree. PML computes
+something else for contrastive (its hinges are not squared) and triplet semi_hard (it keeps every
+semi-hard triplet within the margin, ours the closest one per positive pair). On CUDA the peak allocated
+memory of one step is shown too.
 
     python scripts/bench_losses.py --sizes 1024 4096 --repeats 3 --threads 1
     python scripts/bench_losses.py --device cuda --check   # exit 1 on a slower loss or a bound broken
 
 ``--check`` fails when ours is slower than PML (ratio > 1), SupCon is less than 1.5x faster than PML's
-SupConLoss, or a loss of ours exceeds the memory bound.
+SupConLoss, or a loss of ours breaks the memory bound. On a CPU shared with other work, ``--threads 1``:
+with more threads than idle cores every parallel operation waits for a descheduled thread, and the times
+measure the machine's load rather than the losses.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -40,11 +49,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "loss"
 SAMPLES_PER_CLASS = 8
-# The largest tensor of one forward + backward of our losses, in units of N² elements.
+# The largest tensor of one forward + backward of our losses, in units of N² elements, unless it grows at
+# most as N^LINEAR_GROWTH (N × a fixed-size queue).
 MAX_ELEMENTS_PER_N2 = 2.0
+LINEAR_GROWTH = 1.5
+PROBE_SIZES = (128, 256)
 SUPCON_SPEEDUP = 1.5
-# PML runs whose estimated largest tensor exceeds this many bytes are skipped.
-PML_BYTE_BUDGET = 2**31
+# Runs whose largest tensor (estimated) would exceed this many bytes are skipped.
+BYTE_BUDGET = 2**31
+# Losses of ours whose step (extrapolated from the probes) would take longer are skipped.
+STEP_SECONDS_BUDGET = 5.0
+NAME_WIDTH = 46
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -214,6 +229,88 @@ def inputs(case_loss: torch.nn.Module, n: int, dim: int, device: torch.device, s
     return rows, (n // 2, 2, dim), image_labels, image_labels.repeat_interleave(2)
 
 
+def growth(case: Case, dim: int, device: torch.device) -> Callable[[int], tuple[float, float, float]]:
+    """From one step of ours at each of ``PROBE_SIZES``: N ↦ (k, elements, seconds), our largest tensor's
+    exponent (size ∝ N^k) and the extrapolated size of that tensor and time of a step at N."""
+    largest, seconds = [], []
+    for n in PROBE_SIZES:
+        loss = ours(case, dim, n // SAMPLES_PER_CLASS, device)
+        rows, shape, labels, _ = inputs(loss, n, dim, device, seed=0)
+        with LargestTensor() as record:  # also the warm-up of the timed step
+            step(loss, rows, shape, labels)
+        largest.append(record.largest)
+        seconds.append(timed(partial(step, loss, rows, shape, labels), device))
+    base = math.log(PROBE_SIZES[1] / PROBE_SIZES[0])
+    k = math.log(largest[1] / largest[0]) / base
+    k_time = math.log(seconds[1] / seconds[0]) / base
+    scale = PROBE_SIZES[1]
+    return lambda n: (k, largest[1] * (n / scale) ** k, seconds[1] * (n / scale) ** max(k_time, 1.0))
+
+
+def measure(
+    case: Case,
+    n: int,
+    extrapolate: Callable[[int], tuple[float, float, float]],
+    args: argparse.Namespace,
+    device: torch.device,
+    has_pml: bool,
+    seed: int,
+) -> tuple[str, list[str]]:
+    """One table row for ``case`` at batch size ``n``, with the checks it fails; ``extrapolate`` is
+    :func:`growth`'s for the case."""
+    num_classes = n // SAMPLES_PER_CLASS
+    k, elements, seconds = extrapolate(n)
+    if 4 * elements > BYTE_BUDGET:
+        reason = f"its largest tensor would take {4 * elements / 2**30:.0f} GiB (∝ N^{k:.1f})"
+        return f"{case.name:<{NAME_WIDTH}} {n:>5}   skipped: {reason}", [f"{case.name} N={n}: {reason}"]
+    if seconds > STEP_SECONDS_BUDGET:
+        return f"{case.name:<{NAME_WIDTH}} {n:>5}   skipped: a step would take about {seconds:.0f} s", []
+    loss = ours(case, args.dim, num_classes, device)
+    rows, shape, labels, flat_labels = inputs(loss, n, args.dim, device, seed)
+    runs = {"ours": lambda: step(loss, rows, shape, labels)}
+    theirs = pml(case, loss, args.dim, num_classes, n) if has_pml else None
+    pml_note = "—"
+    if theirs is not None:
+        module, largest_bytes = theirs
+        if largest_bytes > BYTE_BUDGET:
+            pml_note = f">{BYTE_BUDGET // 2**30} GiB"
+        else:
+            runs["pml"] = lambda: step(module, rows, (n, args.dim), flat_labels)
+    largest, values, peaks = {}, {}, {}
+    for who, run in runs.items():
+        with LargestTensor() as record:
+            values[who] = run()
+        largest[who] = record.largest / n**2
+        if device.type == "cuda":
+            peaks[who] = peak_mib(run, device)
+        for _ in range(args.warmup):
+            run()
+    times = {who: [] for who in runs}
+    for _ in range(args.repeats):
+        for who, run in runs.items():  # interleaved, so that a busy moment slows both
+            times[who].append(timed(run, device))
+    failures = []
+    ours_ms = 1e3 * statistics.median(times["ours"])
+    line = f"{case.name:<{NAME_WIDTH}} {n:>5} {ours_ms:>9.1f}"
+    sizes = f"{largest['ours']:.2f}"
+    if "pml" in runs:
+        pml_ms = 1e3 * statistics.median(times["pml"])
+        ratio = ours_ms / pml_ms
+        sizes += f" / {largest['pml']:.2f}"
+        gap = abs(values["ours"] - values["pml"]) / max(abs(values["pml"]), 1e-12)
+        line += f" {pml_ms:>9.1f} {ratio:>6.2f} {sizes:>16} {k:>6.1f} {gap:>8.1e}"
+        bound = 1.0 / SUPCON_SPEEDUP if case.key == "supcon" else 1.0
+        if ratio > bound:
+            failures.append(f"{case.name} N={n}: ours / PML = {ratio:.2f} > {bound:.2f}")
+    else:
+        line += f" {pml_note:>9} {'':>6} {sizes:>16} {k:>6.1f} {'':>8}"
+    if device.type == "cuda":
+        line += f" {' / '.join(f'{peaks[w]:.0f}' for w in runs):>17}"
+    if largest["ours"] > MAX_ELEMENTS_PER_N2 and k > LINEAR_GROWTH:
+        failures.append(f"{case.name} N={n}: a tensor of {largest['ours']:.2f} N² elements, growing as N^{k:.1f}")
+    return line, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="batch sizes N")
@@ -244,58 +341,20 @@ def main(argv: list[str] | None = None) -> int:
         + f"; D = {args.dim}, N/{SAMPLES_PER_CLASS} classes, median of {args.repeats} after {args.warmup} warm-up"
     )
     selected = [c for c in cases() if not args.losses or c.key in args.losses]
-    header = f"{'loss':<42} {'N':>5} {'ours ms':>9} {'PML ms':>9} {'ratio':>6} {'largest/N²':>16} {'loss Δ':>8}"
+    header = f"{'loss':<{NAME_WIDTH}} {'N':>5} {'ours ms':>9} {'PML ms':>9} {'ratio':>6} {'largest/N²':>16}"
+    header += f" {'growth':>6} {'loss Δ':>8}"
     if device.type == "cuda":
         header += f" {'peak MiB':>17}"
     print(header)
     print("-" * len(header))
-    failures = []
+    failures, probes = [], {}
     for n in args.sizes:
-        num_classes = n // SAMPLES_PER_CLASS
-        for number, case in enumerate(selected):
-            loss = ours(case, args.dim, num_classes, device)
-            rows, shape, labels, flat_labels = inputs(loss, n, args.dim, device, seed=number)
-            runs = {"ours": lambda: step(loss, rows, shape, labels)}
-            theirs = pml(case, loss, args.dim, num_classes, n) if has_pml else None
-            pml_note = "—"
-            if theirs is not None:
-                module, largest_bytes = theirs
-                if largest_bytes > PML_BYTE_BUDGET:
-                    pml_note = "skipped"  # its largest tensor alone would exceed the budget
-                else:
-                    runs["pml"] = lambda: step(module, rows, (n, args.dim), flat_labels)
-            largest, values, peaks = {}, {}, {}
-            for who, run in runs.items():
-                with LargestTensor() as record:
-                    values[who] = run()
-                largest[who] = record.largest / n**2
-                if device.type == "cuda":
-                    peaks[who] = peak_mib(run, device)
-                for _ in range(args.warmup):
-                    run()
-            times = {who: [] for who in runs}
-            for _ in range(args.repeats):
-                for who, run in runs.items():  # interleaved, so that a busy moment slows both
-                    times[who].append(timed(run, device))
-            ours_ms = 1e3 * statistics.median(times["ours"])
-            line = f"{case.name:<42} {n:>5} {ours_ms:>9.1f}"
-            sizes = f"{largest['ours']:.2f}"
-            if "pml" in runs:
-                pml_ms = 1e3 * statistics.median(times["pml"])
-                ratio = ours_ms / pml_ms
-                sizes += f" / {largest['pml']:.2f}"
-                gap = abs(values["ours"] - values["pml"]) / max(abs(values["pml"]), 1e-12)
-                line += f" {pml_ms:>9.1f} {ratio:>6.2f} {sizes:>16} {gap:>8.1e}"
-                bound = 1.0 / SUPCON_SPEEDUP if case.key == "supcon" else 1.0
-                if ratio > bound:
-                    failures.append(f"{case.name} N={n}: ours / PML = {ratio:.2f} > {bound:.2f}")
-            else:
-                line += f" {pml_note:>9} {'':>6} {sizes:>16} {'':>8}"
-            if device.type == "cuda":
-                line += f" {' / '.join(f'{peaks[w]:.0f}' for w in runs):>17}"
+        for seed, case in enumerate(selected):
+            if case.name not in probes:
+                probes[case.name] = growth(case, args.dim, device)
+            line, broken = measure(case, n, probes[case.name], args, device, has_pml, seed)
             print(line, flush=True)
-            if largest["ours"] > MAX_ELEMENTS_PER_N2:
-                failures.append(f"{case.name} N={n}: a tensor of {largest['ours']:.2f} N² elements")
+            failures += broken
     if failures:
         print("\n" + "\n".join(failures))
     return 1 if args.check and failures else 0

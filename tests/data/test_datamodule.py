@@ -1,5 +1,6 @@
 """The datamodules on files in each dataset's real format: splits, batches, views, recorded checksums."""
 
+import os
 from pathlib import Path
 
 import hydra
@@ -113,3 +114,19 @@ def test_folder_datamodule_missing_root_says_which_folder(tmp_path):
     dm = FolderDataModule(name="imagenet", root=str(tmp_path / "imagenet"), num_workers=0)
     with pytest.raises(DataNotFoundError, match="imagenet.*does not exist"):
         dm.setup()
+
+
+def test_decoded_arrays_are_reused_until_a_file_changes(fake_data_dir, monkeypatch):
+    from losslab.data import datamodule as module
+    from losslab.data import sources
+
+    calls = []
+    real = sources.LOADERS["mnist"]
+    monkeypatch.setitem(sources.LOADERS, "mnist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module._DECODED.clear()
+    first = module._read_arrays("mnist", fake_data_dir, download=False)
+    assert module._read_arrays("mnist", fake_data_dir, download=False) is first and len(calls) == 1
+    touched = next(Path(first.source) / name for name in first.files)
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert module._read_arrays("mnist", fake_data_dir, download=False) is not first and len(calls) == 2

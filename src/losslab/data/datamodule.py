@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -195,6 +196,37 @@ class ImageDataModule(L.LightningDataModule):
         }
 
 
+# Decoded datasets of this process, reused while their files are unchanged: sweeps run in one process (basic
+# launcher, Optuna trials) and tests build many runs on the same data. (name, data_dir) -> (arrays, file stats)
+_DECODED: dict[tuple[str, str], tuple[sources.ImageArrays, dict[str, tuple[int, int]]]] = {}
+
+
+def _file_stats(arrays: sources.ImageArrays) -> dict[str, tuple[int, int]] | None:
+    """(size, mtime) of every file the arrays were read from; None when they are not all plain files."""
+    stats = {}
+    for relative in arrays.files:
+        path = Path(arrays.source) / relative
+        if not path.is_file():
+            return None
+        status = path.stat()
+        stats[str(path)] = (status.st_size, status.st_mtime_ns)
+    return stats
+
+
+def _read_arrays(name: str, data_dir: Any, download: bool) -> sources.ImageArrays:
+    key = (name, str(data_dir))
+    if key in _DECODED:
+        arrays, stats = _DECODED[key]
+        if _file_stats(arrays) == stats:
+            return arrays
+    arrays = sources.LOADERS[name](data_dir, download=download)
+    stats = _file_stats(arrays)
+    if stats:
+        _DECODED.clear()  # one dataset at a time: a sweep over datasets must not accumulate them in memory
+        _DECODED[key] = (arrays, stats)
+    return arrays
+
+
 class InMemoryDataModule(ImageDataModule):
     """A dataset held as one uint8 tensor per split (the airbench way).
 
@@ -237,7 +269,7 @@ class InMemoryDataModule(ImageDataModule):
             self._load(download=False)
 
     def _load(self, download: bool) -> None:
-        arrays = sources.LOADERS[self.name](self.data_dir, download=download)
+        arrays = _read_arrays(self.name, self.data_dir, download)
         train_images, test_images = arrays.train_images, arrays.test_images
         if self.requested_image_size and self.requested_image_size != train_images.shape[-1]:
             train_images = _resize(train_images, self.requested_image_size)

@@ -99,6 +99,12 @@ def _normalized(references: torch.Tensor | None) -> torch.Tensor | None:
     return None if references is None else F.normalize(references, dim=-1)
 
 
+def _kept_rows(kept: torch.Tensor, *matrices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kept anchors' rows of each matrix; the matrices themselves when every anchor is kept, as in
+    m-per-class batches, which spares an N×N copy of each."""
+    return matrices if kept.all() else tuple(matrix[kept] for matrix in matrices)
+
+
 def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"loss.{option}={value!r}: allowed values are {', '.join(allowed)}")
@@ -179,13 +185,12 @@ class Contrastive(_PairLoss):
             distance = _euclidean_distance(F.normalize(features, dim=-1), references=_normalized(references))
         else:
             distance = _euclidean_distance(features, references=references)
-        # A negative pair's hinge max(0, m − D) is m − min(D, m); the other pairs are set to m, no term. The
-        # positive pairs, few in m-per-class batches, are gathered. This takes the fewest passes over N×N.
-        hinged = torch.where(negatives, distance.clamp_max(self.margin), self.margin)
-        negative_terms = F.mse_loss(hinged, hinged.new_tensor(self.margin).expand_as(hinged), reduction="sum")
-        anchors, partners = positives.nonzero(as_tuple=True)
-        positive_terms = distance[anchors, partners].square().sum()
-        return 0.5 * (negative_terms + positive_terms) / (n * (candidates - 1))
+        # Every term as one squared error, which takes the fewest passes over N×N: a positive pair's D against 0,
+        # a negative pair's D against m where D < m (the hinge), and every other pair its target against itself.
+        target = torch.where(positives, distance.new_zeros(()), distance.new_tensor(self.margin))
+        active = positives | (negatives & (distance < self.margin))
+        total = F.mse_loss(torch.where(active, distance, target), target, reduction="sum")
+        return 0.5 * total / (n * (candidates - 1))
 
 
 class Triplet(_PairLoss):
@@ -239,12 +244,15 @@ class Triplet(_PairLoss):
             return features.sum() * 0.0
         if self.normalize:
             features, references = F.normalize(features, dim=-1), _normalized(references)
-        distance = _euclidean_distance(features, self.squared, references)[kept]
-        positives, negatives = positives[kept], negatives[kept]
+        distance = _euclidean_distance(features, self.squared, references)
+        distance, positives, negatives = _kept_rows(kept, distance, positives, negatives)
         if self.mining == "batch_hard":
-            hardest_positive = distance.masked_fill(~positives, float("-inf")).amax(dim=1)
-            hardest_negative = distance.masked_fill(~negatives, float("inf")).amin(dim=1)
-            return self.triplet_term(hardest_positive - hardest_negative).mean()
+            # Mined on the detached distances and the two chosen gathered, so no N×N mask is differentiated.
+            fixed = distance.detach()
+            farthest_positive = torch.where(positives, fixed, float("-inf")).argmax(dim=1)
+            closest_negative = torch.where(negatives, fixed, float("inf")).argmin(dim=1)
+            hardest = distance.gather(1, torch.stack([farthest_positive, closest_negative], dim=1))
+            return self.triplet_term(hardest[:, 0] - hardest[:, 1]).mean()
         if self.mining == "batch_all" and self.soft_margin:
             total = _soft_triplet_sum(distance, positives, negatives)
             return total / (positives.sum(dim=1) * negatives.sum(dim=1)).sum()
@@ -326,8 +334,8 @@ class Circle(_PairLoss):
         )
         if not kept.any():
             return features.sum() * 0.0
-        similarity = _cosine_similarity(features, references)[kept]
-        positives, negatives = positives[kept], negatives[kept]
+        similarity = _cosine_similarity(features, references)
+        similarity, positives, negatives = _kept_rows(kept, similarity, positives, negatives)
         fixed = similarity.detach()
         alpha_p = F.relu(1.0 + self.margin - fixed)
         alpha_n = F.relu(fixed + self.margin)
@@ -386,8 +394,9 @@ class MultiSimilarity(_PairLoss):
         )
         if not kept.any():
             return features.sum() * 0.0
-        similarity = _cosine_similarity(features, references)[kept]
-        mined_positives, mined_negatives = self.mine(similarity, positives[kept], negatives[kept])
+        similarity = _cosine_similarity(features, references)
+        similarity, positives, negatives = _kept_rows(kept, similarity, positives, negatives)
+        mined_positives, mined_negatives = self.mine(similarity, positives, negatives)
         shifted = similarity - self.lambda_
         positive_term = _log_one_plus_sum_exp(-self.alpha * shifted, mined_positives) / self.alpha
         negative_term = _log_one_plus_sum_exp(self.beta * shifted, mined_negatives) / self.beta

@@ -53,8 +53,11 @@ class ProxyLoss(Loss):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos θ_{ic}`` between every (flattened) embedding and every proxy, ``[N, C]``, with the labels."""
+    def unit_vectors(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float = 1.0
+    ) -> tuple[torch.Tensor, ...]:
+        """``(s x [N, D], w [C, D], labels [N])``: the (flattened) embeddings and the proxies, L2-normalised, the
+        embeddings then multiplied by ``scale`` in the same pass."""
         if self.proxies is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no proxies yet: call setup_embedding(dim, num_classes)"
@@ -62,8 +65,16 @@ class ProxyLoss(Loss):
         embeddings, labels = _flatten_views(embeddings, labels)
         dtype = torch.promote_types(upcast(embeddings).dtype, upcast(self.proxies).dtype)
         with torch.autocast(embeddings.device.type, enabled=False):
-            x = F.normalize(embeddings.to(dtype), dim=-1)
+            embeddings = embeddings.to(dtype)
+            norms = torch.linalg.vector_norm(embeddings, dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+            x = embeddings * (scale / norms)
             w = F.normalize(self.proxies.to(dtype), dim=-1)
+        return x, w, labels
+
+    def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos θ_{ic}`` between every (flattened) embedding and every proxy, ``[N, C]``, with the labels."""
+        x, w, labels = self.unit_vectors(embeddings, labels)
+        with torch.autocast(x.device.type, enabled=False):
             return x @ w.T, labels
 
     def extra_repr(self) -> str:
@@ -90,10 +101,13 @@ class _MarginSoftmax(ProxyLoss):
         return cos_y
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, labels = self.cosines(embeddings, labels)
-        index = labels[:, None]
-        logits = cos.scatter(1, index, self.target_cosine(cos.gather(1, index))) * self.scale()
-        return F.cross_entropy(logits, labels)
+        scale = self.scale()
+        x, w, labels = self.unit_vectors(embeddings, labels, scale)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x @ w.T  # s scaled the N×D embeddings rather than the N×C logits
+            index = labels[:, None]
+            target = self.target_cosine(logits.gather(1, index) / scale) * scale
+            return F.cross_entropy(logits.scatter(1, index, target), labels)
 
 
 class ArcFace(_MarginSoftmax):
@@ -174,6 +188,12 @@ class NormFace(_MarginSoftmax):
 
     def scale(self) -> torch.Tensor | float:
         return self.learned_s.clamp_min(self.min_scale) if self.learn_s else self.s
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # No margin: the logits are s cos θ throughout, with no target logit to replace.
+        x, w, labels = self.unit_vectors(embeddings, labels, self.scale())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.cross_entropy(x @ w.T, labels)
 
 
 class ProxyAnchor(ProxyLoss):
