@@ -43,8 +43,8 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import OmegaConf
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from losslab.largest_tensor import LargestTensor
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "loss"
@@ -170,20 +170,6 @@ def _proxy(loss: torch.nn.Module, dim: int, num_classes: int) -> Step:
             theirs.W.copy_(loss.proxies.T)  # PML keeps its class weights as [D, C]
     return theirs.to(loss.proxies.device)
 
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation produces (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.largest = max(self.largest, leaf.numel())
-        return out
 
 
 def step(module: Step, rows: torch.Tensor, shape: tuple[int, ...], labels: torch.Tensor) -> float:

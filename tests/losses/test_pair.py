@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import compose_config, run_training
 from losslab.errors import ConfigError
+from losslab.largest_tensor import LargestTensor
 from losslab.losses import pair
 from losslab.losses.pair import GE2E, Circle, Contrastive, MultiSimilarity, ThresholdConsistentMargin, Triplet
 from losslab.train import build
@@ -509,20 +508,6 @@ def test_autocast_does_not_lower_the_distances_to_bfloat16(key, embeddings):
 
 # ---------------------------------------------------------------- memory: no N×N×N tensor
 
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation produces (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.largest = max(self.largest, leaf.numel())
-        return out
 
 
 @pytest.mark.parametrize("key", sorted(LOSSES))
