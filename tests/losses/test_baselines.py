@@ -79,7 +79,26 @@ CASES = {
     "l2svm": (SquaredHinge(), loop_squared_hinge),
     "l2svm_margin": (SquaredHinge(margin=2.5), lambda z, y: loop_squared_hinge(z, y, 2.5)),
 }
-SOFT = {"bce": (BinaryCrossEntropy(), loop_bce), "mae": (MeanAbsoluteError(), loop_mae)}
+def loop_soft_focal(logits, targets, gamma=2.0, alpha=None):
+    """Expected focal term under the target distribution, sum_c t_c alpha_c (1 - p_c)^gamma (-log p_c)."""
+    total = 0.0
+    for row, target in zip(logits.tolist(), targets.tolist()):
+        probabilities = loop_softmax(row)
+        for c, (p, t) in enumerate(zip(probabilities, target)):
+            weight = 1.0 if alpha is None else alpha[c]
+            total += -t * weight * (1 - p) ** gamma * math.log(p)
+    return total / len(logits)
+
+
+SOFT = {
+    "bce": (BinaryCrossEntropy(), loop_bce),
+    "mae": (MeanAbsoluteError(), loop_mae),
+    "focal": (Focal(gamma=2.0), loop_soft_focal),
+    "focal_alpha": (
+        Focal(gamma=1.5, alpha=[0.5, 1.0, 2.0, 0.25, 1.0]),
+        lambda z, t: loop_soft_focal(z, t, 1.5, [0.5, 1.0, 2.0, 0.25, 1.0]),
+    ),
+}
 
 
 @pytest.fixture
@@ -124,10 +143,11 @@ def test_soft_targets_match_loop_reference_and_one_hot_equals_hard_labels(name, 
     assert loss.accepts_soft_targets
     soft = torch.softmax(torch.randn(7, 5, dtype=torch.float64), dim=1)
     assert loss(logits, soft).item() == pytest.approx(reference(logits, soft), rel=1e-10)
+    assert torch.autograd.gradcheck(lambda z: loss(z, soft), logits.clone().requires_grad_())
     assert loss(logits, one_hot(labels, 5)).item() == pytest.approx(loss(logits, labels).item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("loss", [Focal(), FocalAdaptive(), SquaredHinge()])
+@pytest.mark.parametrize("loss", [FocalAdaptive(), SquaredHinge()])
 def test_losses_defined_on_class_indices_refuse_soft_targets(loss):
     assert not loss.accepts_soft_targets
 

@@ -32,6 +32,23 @@ def loop_supcon(embeddings, labels, temperature):
     return total / anchors
 
 
+def loop_soft_supcon(embeddings, targets, temperature):
+    """Eq. 2 with each other sample p a positive of weight w_ip = sum_c y_ic y_pc, averaged by those weights."""
+    n, views, _ = embeddings.shape
+    z = F.normalize(embeddings.double(), dim=-1).reshape(n * views, -1).tolist()
+    y = targets.double().repeat_interleave(views, dim=0).tolist()
+    total, anchors = 0.0, 0
+    for i in range(len(z)):
+        sims = [sum(a * b for a, b in zip(z[i], z[j])) / temperature for j in range(len(z))]
+        log_denominator = math.log(sum(math.exp(sims[a]) for a in range(len(z)) if a != i))
+        weights = {p: sum(a * b for a, b in zip(y[i], y[p])) for p in range(len(z)) if p != i}
+        if sum(weights.values()) <= 1e-6:
+            continue
+        total += -sum(w * (sims[p] - log_denominator) for p, w in weights.items()) / sum(weights.values())
+        anchors += 1
+    return total / anchors
+
+
 @pytest.fixture
 def views():
     generator = torch.Generator().manual_seed(0)
@@ -566,3 +583,30 @@ def test_new_losses_on_half_precision_embeddings(pairs, name, dtype):
 def test_new_losses_reject_bad_options_naming_them(name, option, value):
     with pytest.raises(ConfigError, match=rf"loss\.{option}={value}: must be"):
         _contrastive_losses()[name](**{option: value})
+
+
+def test_supcon_with_probability_labels_matches_the_weighted_loop(views):
+    mixed = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 1)
+    loss = SupCon(0.2)
+    assert loss.accepts_soft_targets
+    assert loss(views, mixed).item() == pytest.approx(loop_soft_supcon(views, mixed, 0.2), rel=1e-9)
+    assert torch.autograd.gradcheck(lambda z: loss(z, mixed), views.clone().requires_grad_())
+
+
+def test_supcon_with_one_hot_labels_equals_hard_labels(views):
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    one_hot = F.one_hot(labels, 4).double()
+    assert SupCon(0.1)(views, one_hot).item() == pytest.approx(SupCon(0.1)(views, labels).item(), rel=1e-12)
+    # single view: the class-3 sample has no positive in either form, and both count it
+    loss = SupCon(0.1)
+    assert loss(views[:, :1], one_hot).item() == pytest.approx(SupCon(0.1)(views[:, :1], labels).item(), rel=1e-12)
+    assert loss.anchors_without_positives.item() == 2  # labels 2 and 3 occur once
+
+
+def test_supcon_with_disjoint_probability_labels_has_no_positive_but_keeps_its_graph(views):
+    disjoint = torch.eye(6, dtype=torch.float64)
+    embeddings = views[:, :1].clone().requires_grad_()
+    loss = SupCon(0.1)
+    value = loss(embeddings, disjoint)
+    assert value.item() == 0.0 and value.requires_grad
+    assert loss.anchors_without_positives.item() == 6

@@ -49,6 +49,7 @@ class Loss(nn.Module):
     :meth:`setup_embedding`: where an embedding loss creates parameters of its own (class proxies), once the
     embedding dimension and the number of classes are known.
     ``lr_multiplier``: the loss's own parameters learn at this multiple of the optimizer's learning rate.
+    ``needs_teacher``: a distillation loss, ``forward(logits, target, teacher=TeacherOutputs)`` (``teacher`` group).
     """
 
     kind: ClassVar[str] = "classification"
@@ -59,6 +60,7 @@ class Loss(nn.Module):
     needs_class_counts: ClassVar[bool] = False
     supports_multi_label: ClassVar[bool] = False
     gathers_across_ranks: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = False
     multi_label: bool = False
     lr_multiplier: float = 1.0
 

@@ -60,9 +60,13 @@ class Focal(Loss):
     Sigmoid form (multi-label datasets, the paper's own binary form): :func:`sigmoid_focal` per class, summed
     over classes and averaged over the batch. ``sigmoid_alpha`` weights positives (negatives get
     ``1 - sigmoid_alpha``); the paper's 0.25, or None for no weighting.
+
+    Probability targets t (batch mixing, distillation): ``-sum_c t_c alpha_c (1 - p_c)^gamma log p_c``, the
+    expectation of the per-class focal term under t, as for cross-entropy; a one-hot t gives the form above.
     """
 
     supports_multi_label = True
+    accepts_soft_targets = True
 
     def __init__(
         self, gamma: float = 2.0, alpha: Sequence[float] | None = None, sigmoid_alpha: float | None = 0.25
@@ -93,12 +97,17 @@ class Focal(Loss):
         if self.multi_label:
             per_class = sigmoid_focal(logits, target.to(logits.dtype), self.gamma, self.sigmoid_alpha)
             return per_class.sum(dim=-1).mean()
+        if self.alpha is not None and len(self.alpha) != logits.shape[-1]:
+            raise ConfigError(
+                f"loss.alpha has {len(self.alpha)} weights but the classifier has {logits.shape[-1]} classes"
+            )
+        if target.is_floating_point():
+            weights = target.to(logits.dtype)
+            if self.alpha is not None:
+                weights = weights * self.alpha.to(logits.dtype)
+            return (weights * focal_term(logits.log_softmax(dim=-1), self.gamma)).sum(dim=-1).mean()
         loss = focal_term(target_log_probability(logits, target), self.gamma)
         if self.alpha is not None:
-            if len(self.alpha) != logits.shape[-1]:
-                raise ConfigError(
-                    f"loss.alpha has {len(self.alpha)} weights but the classifier has {logits.shape[-1]} classes"
-                )
             loss = self.alpha.to(logits.dtype)[target] * loss
         return loss.mean()
 

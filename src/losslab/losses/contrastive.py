@@ -20,7 +20,7 @@ def _flatten_views(embeddings: torch.Tensor, labels: torch.Tensor | None) -> tup
     n, views = embeddings.shape[:2]
     if labels is None:
         labels = torch.arange(n, device=embeddings.device)
-    return embeddings.reshape(n * views, -1), labels.repeat_interleave(views)
+    return embeddings.reshape(n * views, -1), labels.repeat_interleave(views, dim=0)
 
 
 class SupCon(Loss):
@@ -31,10 +31,16 @@ class SupCon(Loss):
     on L2-normalised embeddings, every view an anchor, averaged over anchors. ``P(i)`` are the other
     samples with i's label; with ``labels=None`` they are i's other views (SimCLR's NT-Xent). Anchors with
     no positive are left out and counted; a batch with none gives a zero loss that keeps its graph.
+
+    Probability labels ``[N, C]`` (batch mixing): each other sample p is a positive of weight
+    ``w_ip = <y_i, y_p>``, the chance that the two share a label, and the average over P(i) becomes
+    ``sum_p w_ip (·) / sum_p w_ip``; one-hot labels give eq. 2 exactly. An anchor whose weights sum to less than
+    1e-6 has no positive.
     """
 
     kind = "embedding"
     n_views = 2
+    accepts_soft_targets = True
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
@@ -46,19 +52,27 @@ class SupCon(Loss):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = _flatten_views(embeddings, labels)
         features = F.normalize(upcast(features), dim=-1)
-        _, own, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        n_positives = counts[own] - 1
-        has_positive = n_positives > 0
+        # The only N×N work is the logits and their log-sum-exp: log p_ip summed over the positives is
+        # z_i·(sum of i's class − z_i)/τ − |P(i)| log-sum-exp_i, so no positive mask is built.
+        if labels.is_floating_point():  # weights <y_i, y_p>: the class sums become Y^T Z
+            targets = labels.to(features.dtype)
+            own_weight = targets.square().sum(dim=1)
+            n_positives = targets @ targets.sum(dim=0) - own_weight
+            has_positive = n_positives > 1e-6
+            weighted_sums = targets @ (targets.T @ features) - own_weight[:, None] * features
+        else:
+            _, own, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+            n_positives = counts[own] - 1
+            has_positive = n_positives > 0
+            class_sums = features.new_zeros(len(counts), features.shape[1]).index_add(0, own, features)
+            weighted_sums = class_sums[own] - features
         self.anchors_without_positives = (~has_positive).sum().detach()
         if not has_positive.any():
             return features.sum() * 0.0
-        # The only N×N work is the logits and their log-sum-exp: log p_ip summed over the positives is
-        # z_i·(sum of i's class − z_i)/τ − |P(i)| log-sum-exp_i, so no positive mask is built.
         logits = (features / self.temperature) @ features.T
         logits.fill_diagonal_(float("-inf"))  # not needed by the matmul's backward, so filled in place
-        class_sums = features.new_zeros(len(counts), features.shape[1]).index_add(0, own, features)
-        positive_logits = (features * (class_sums[own] - features)).sum(dim=1) / self.temperature
-        mean_log_prob = positive_logits / n_positives.clamp_min(1) - torch.logsumexp(logits, dim=1)
+        positive_logits = (features * weighted_sums).sum(dim=1) / self.temperature
+        mean_log_prob = positive_logits / torch.where(has_positive, n_positives, 1) - torch.logsumexp(logits, dim=1)
         return -mean_log_prob[has_positive].mean()
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
