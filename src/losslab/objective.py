@@ -8,12 +8,18 @@ owns, such as class proxies, are created by :meth:`Loss.setup_embedding`), while
 on detached features (solo-learn's protocol) gives accuracy and calibration for it too.
 On a multi-label dataset (``[N, C]`` multi-hot targets) the loss is told so (:meth:`Loss.set_multi_label`)
 and the metrics are the multi-label ones (mAP, F1, exact match, Hamming).
+
+Training batches may first pass through a batch mixer (:mod:`losslab.mixing`), which can turn the targets into
+probabilities, mix a hidden layer, add rows the loss does not see and add a term of its own. An optimiser that
+declares ``two_pass`` (SAM, ASAM: :mod:`losslab.optimizers`) switches the module to Lightning's manual
+optimisation, with both passes on the same (mixed) batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -23,7 +29,16 @@ from torch import nn
 from losslab.distributed import gathers, global_batch, world_size
 from losslab.losses.base import KINDS, Loss
 from losslab.metrics import MultiLabelStageMetrics, StageMetrics
+from losslab.regularizers import RegularizerContext
 from losslab.retrieval import RepresentationMetrics
+
+if TYPE_CHECKING:
+    from losslab.mixing import MixedBatch, Mixer
+
+
+def is_two_pass(optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
+    """Whether the optimizer (a class, or Hydra's partial of one) takes two gradients per step (SAM)."""
+    return bool(getattr(getattr(optimizer, "func", optimizer), "two_pass", False))
 
 
 class Objective(L.LightningModule):
@@ -46,12 +61,13 @@ class Objective(L.LightningModule):
         unseen_class_stages: Sequence[str] = (),
         knn_k: int = 200,
         knn_temperature: float = 0.07,
+        mixer: Mixer | None = None,
     ) -> None:
         super().__init__()
         if loss.kind not in KINDS:
             raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
         self.save_hyperparameters(
-            ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers"]
+            ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers", "mixer"]
         )
         if loss.needs_class_counts:
             if class_counts is None:
@@ -78,6 +94,12 @@ class Objective(L.LightningModule):
         else:
             self.head = nn.Linear(feature_dim, num_classes)
         self.regularizers = nn.ModuleDict(regularizers or {})
+        for regularizer in self.regularizers.values():  # parameters of their own (SLA's joint head) train too
+            regularizer.build(feature_dim, num_classes)
+        self.num_classes = num_classes
+        self.mixer = mixer
+        # SAM-style optimisers step twice per batch: Lightning's manual optimisation (see _two_pass_step).
+        self.automatic_optimization = not is_two_pass(optimizer)
         self.projector: nn.Module | None = None
         if loss.kind == "embedding":
             hidden = projection_hidden_dim or feature_dim
@@ -124,25 +146,54 @@ class Objective(L.LightningModule):
             return images.flatten(0, 1), target.repeat_interleave(n_views, dim=0), n_views
         return images, target, 1
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor | None:
-        images, target = batch
-        batch_size = images.shape[0]
-        flat_images, flat_target, n_views = self._flatten_views(images, target)
-        features = self.features(flat_images)
+    def _log(self, record: bool, name: str, value: Any, **kwargs: Any) -> None:
+        if record:
+            self.log(name, value, on_step=False, on_epoch=True, sync_dist=True, **kwargs)
+
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, mixed: MixedBatch | None = None,
+        record: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The loss of one batch (its metrics updated and logged when ``record``). ``mixed``: the training batch
+        as the mixer left it, which replaces ``batch``'s images and targets."""
+        images, target = (mixed.images, mixed.target) if mixed is not None else batch
+        batch_size = len(target)  # the rows the loss sees; a mixer may append rows only its own term sees
+        flat_images, _, n_views = self._flatten_views(images, target)
+        flat_target = target.repeat_interleave(n_views, dim=0)
+        hidden_mixing = self.mixer.hidden_mixing(self.backbone, mixed) if mixed is not None else nullcontext()
+        with hidden_mixing:
+            all_features = self.features(flat_images)
+        features = all_features[: batch_size * n_views]
+        soft = flat_target.is_floating_point() and not self.multi_label
         hard_target = flat_target.argmax(dim=-1) if flat_target.is_floating_point() else flat_target
         if self.representation is not None and stage != "train":
             self.representation.update(stage, features.detach(), hard_target)
         if stage in self.unseen_class_stages:
             return None  # classes the model never trained on: no logits, loss or accuracy, only retrieval
         if self.loss.kind == "classification":
-            logits = self.head(features)
+            all_logits = self.head(all_features)
+            logits = all_logits[: len(flat_target)]
             loss = self.loss(logits, flat_target)
             total = loss
+            context = None
             for name, regularizer in self.regularizers.items():
-                term = regularizer(logits, flat_target)
-                self.log(f"{stage}/reg/{name}", term, on_step=False, on_epoch=True, sync_dist=True,
-                         batch_size=batch_size)
+                if regularizer.needs_context:
+                    context = context or RegularizerContext(
+                        images=flat_images[: len(flat_target)], features=features, classify=self, embed=self.features
+                    )
+                    if stage != "train":  # terms that probe the network (VAT, SLA) cost extra passes: training only
+                        self._evaluate_regularizer(name, regularizer, context, hard_target, stage, batch_size, record)
+                        continue
+                    term = regularizer(logits, flat_target, context)
+                else:
+                    term = regularizer(logits, flat_target)
+                self._log(record, f"{stage}/reg/{name}", term, batch_size=batch_size)
                 total = total + term
+            if mixed is not None:
+                term = self.mixer.extra_loss(all_logits, mixed)
+                if term is not None:
+                    self._log(record, f"{stage}/mixing_loss", term, batch_size=batch_size)
+                    total = total + term
         else:
             embeddings = self.projector(features)
             if n_views > 1:
@@ -150,28 +201,73 @@ class Objective(L.LightningModule):
             # Under DDP a loss that couples the batch's samples sees every rank's (losslab.distributed).
             loss = self.loss(*global_batch(self.loss, embeddings, target if self.loss.needs_labels else None))
             logits = self.head(features.detach())
-            probe_loss = F.cross_entropy(logits.float(), hard_target)
-            self.log(f"{stage}/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True,
-                     batch_size=batch_size)
+            probe_loss = F.cross_entropy(logits.float(), flat_target.float() if soft else hard_target)
+            self._log(record, f"{stage}/probe_loss", probe_loss, batch_size=batch_size)
             total = loss + probe_loss
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size,
-                 prog_bar=stage != "test")
+        if not record:
+            return total
+        self._log(record, f"{stage}/loss", loss, batch_size=batch_size, prog_bar=stage != "test")
         # A gathered loss counted the global batch on every rank: each rank logs its share of the counts.
         counted_by = world_size() if gathers(self.loss) else 1
         for name, value in self.loss.extra_metrics().items():
-            self.log(f"{stage}/{name}", value.float() / counted_by, on_step=False, on_epoch=True,
-                     reduce_fx="sum", sync_dist=True, batch_size=batch_size)
+            self._log(record, f"{stage}/{name}", value.float() / counted_by, reduce_fx="sum", batch_size=batch_size)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, flat_target if self.multi_label else hard_target, evaluation=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=batch_size)
         return total
 
+    def _evaluate_regularizer(
+        self, name: str, regularizer: nn.Module, context: RegularizerContext, hard_target: torch.Tensor, stage: str,
+        batch_size: int, record: bool,
+    ) -> None:  # fmt: skip
+        """At val/test a regulariser with an inference rule of its own (SLA's aggregation) reports its accuracy."""
+        logits = regularizer.evaluation_logits(context.images, context)
+        if logits is not None:
+            accuracy = (logits.argmax(dim=-1) == hard_target).float().mean()
+            self._log(record, f"{stage}/acc_{name}", accuracy, batch_size=batch_size)
+
+    def _mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MixedBatch | None:
+        if self.mixer is None:
+            return None
+        images, target = batch
+        return self.mixer(images, target, self.num_classes)
+
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        mixed = self._mix(batch)
+        if self.automatic_optimization:
+            return self._step(batch, "train", mixed)
+        return self._two_pass_step(batch, mixed)
+
+    def _two_pass_step(self, batch: tuple[torch.Tensor, torch.Tensor], mixed: MixedBatch | None) -> torch.Tensor:
+        """SAM / ASAM (Foret et al. 2021, Kwon et al. 2021) under manual optimisation: the gradient at w, the
+        ascent to w + e (``first_step``), the gradient there on the same batch, back to w and the base
+        optimiser's step with that gradient (``second_step``); then the per-step schedules."""
+        optimizer = self.optimizers()
+        sam = optimizer.optimizer
+        loss = self._step(batch, "train", mixed)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        sam.first_step()
+        optimizer.zero_grad()
+        self.manual_backward(self._step(batch, "train", mixed, record=False))
+        optimizer.step()  # Lightning's step (it counts global_step); SAM's step then takes the second half
+        optimizer.zero_grad()
+        self._step_schedulers("step")
+        return loss.detach()
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Manual optimisation leaves the schedules to the module: those stepping on ``interval``."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval:
+                config.scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            self._step_schedulers("epoch")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -72,3 +72,24 @@ def step(
 def constant(optimizer: Optimizer, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
     """No schedule: the optimizer's lr throughout."""
     return {"scheduler": LambdaLR(optimizer, lambda _: 1.0), "interval": "epoch"}
+
+
+def linear(
+    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0
+) -> dict[str, Any]:
+    """Linear warmup from 0 over ``warmup_epochs``, then linear decay to ``min_lr_ratio`` × the base lr at the last
+    step."""
+    if warmup_epochs < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"scheduler.warmup_epochs={warmup_epochs}, scheduler.min_lr_ratio={min_lr_ratio}: "
+            "need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1"
+        )
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+
+    return {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from losslab import paradigm
 from losslab.errors import ConfigError, LossLabError
-from losslab.losses.base import Loss
+from losslab.losses.base import KINDS, Loss
+from losslab.mixing import Mixer
 from losslab.objective import Objective
 from losslab.recording import (
     EpochRecorder,
@@ -86,25 +87,43 @@ def _choices() -> dict[str, str]:
 SOFT_TARGET_GROUPS = ("mixing", "teacher")
 
 
-def soft_target_source(choices: dict[str, str]) -> str | None:
-    """The first ``group=choice`` that makes the training targets soft, if any."""
+def soft_target_source(choices: dict[str, str], mixer: Mixer | None = None) -> str | None:
+    """The first ``group=choice`` that makes the training targets soft, if any: a mixer that says so
+    (``Mixer.soft_targets``; RankMixup and HybridAugment keep hard labels), or a teacher."""
     for group in SOFT_TARGET_GROUPS:
-        if choices.get(group) not in (None, "none"):
-            return f"{group}={choices[group]}"
+        if choices.get(group) in (None, "none"):
+            continue
+        if group == "mixing" and mixer is not None and not mixer.soft_targets:
+            continue
+        return f"{group}={choices[group]}"
     return None
 
 
 def check_compatible(
-    loss: Loss, datamodule: Any, choices: dict[str, str], regularizers: dict[str, Regularizer] | None = None
+    loss: Loss,
+    datamodule: Any,
+    choices: dict[str, str],
+    regularizers: dict[str, Regularizer] | None = None,
+    mixer: Mixer | None = None,
 ) -> None:
     """Combinations that cannot work, rejected before any training, naming both choices."""
     loss_name, dataset_name = choices.get("loss", type(loss).__name__), choices.get("dataset", datamodule.name)
-    soft_from = soft_target_source(choices)
-    if soft_from and not (loss.kind == "classification" and loss.accepts_soft_targets):
+    soft_from = soft_target_source(choices, mixer)
+    # Multi-label losses take [N, C] targets in [0, 1] anyway: mixed multi-hot targets are such targets.
+    if soft_from and not loss.accepts_soft_targets and not datamodule.multi_label:
         raise ConfigError(
             f"{soft_from} trains on [N, C] probability targets, but loss={loss_name} refuses them; "
-            f"use one of: {', '.join(loss_choices(lambda cls: cls.accepts_soft_targets))}"
+            f"use one of: {', '.join(loss_choices(lambda cls: cls.accepts_soft_targets, kinds=KINDS))}"
         )
+    if mixer is not None:
+        mixing_name = f"mixing={choices.get('mixing', type(mixer).__name__)}"
+        if mixer.needs_logits and loss.kind != "classification":
+            raise ConfigError(
+                f"{mixing_name} adds a term on class logits, but loss={loss_name} is an {loss.kind} loss without "
+                "logits; choose a classification loss or another mixing (mixup, cutmix, mixup_cutmix, "
+                "manifold_mixup, hybridaugment)"
+            )
+        mixer.check(datamodule.num_classes, datamodule.multi_label)
     if regularizers and datamodule.multi_label:
         raise ConfigError(
             f"regularizer={','.join(regularizers)} is a softmax term, but dataset={dataset_name} is multi-label "
@@ -140,12 +159,35 @@ def check_compatible(
         raise ConfigError(f"dataset={dataset_name} has {datamodule.num_classes} class; at least 2 are needed")
 
 
-def loss_choices(declares: Callable[[type[Loss]], bool]) -> list[str]:
-    """The classification loss choices (``configs/loss/*.yaml``) whose class satisfies ``declares``."""
+def check_optimizer(cfg: DictConfig, choices: dict[str, str]) -> None:
+    """Optimiser settings the training loop cannot honour, named with the option that conflicts."""
+    optimizer_class = hydra.utils.get_class(cfg.optimizer._target_) if cfg.optimizer.get("_target_") else None
+    if not getattr(optimizer_class, "two_pass", False):
+        return
+    name = f"optimizer={choices.get('optimizer', cfg.optimizer._target_)}"
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision.startswith("16") or precision == "fp16-mixed":
+        raise ConfigError(
+            f"{name} takes two gradients per step, which fp16 loss scaling (trainer.precision={precision}) does not "
+            "support here; use trainer.precision=bf16-mixed or 32-true"
+        )
+    for option in ("gradient_clip_val", "accumulate_grad_batches"):
+        value = cfg.trainer.get(option)
+        if value not in (None, 0, 1, 0.0):
+            raise ConfigError(
+                f"{name} steps under manual optimisation, where trainer.{option}={value} does not apply; "
+                f"leave trainer.{option} unset"
+            )
+
+
+def loss_choices(
+    declares: Callable[[type[Loss]], bool], kinds: tuple[str, ...] = ("classification",)
+) -> list[str]:
+    """The loss choices (``configs/loss/*.yaml``) of ``kinds`` whose class satisfies ``declares``."""
     names = []
     for path in sorted((Path(config_dir()) / "loss").glob("*.yaml")):
         loss_class = hydra.utils.get_class(OmegaConf.load(path)._target_)
-        if loss_class.kind == "classification" and declares(loss_class):
+        if loss_class.kind in kinds and declares(loss_class):
             names.append(path.stem)
     return names
 
@@ -203,12 +245,14 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         name: _instantiate(node, f"regularizer.{name}")
         for name, node in (cfg.get("regularizer") or {}).items()
     }
+    mixer: Mixer | None = _instantiate(cfg.mixing, "mixing") if cfg.get("mixing") else None
     datamodule = _instantiate(cfg.dataset, "dataset")
     datamodule.n_views = max(datamodule.n_views, loss.n_views)
     datamodule.prepare_data()
     datamodule.setup("fit")
     backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
-    check_compatible(loss, datamodule, choices, regularizers)
+    check_compatible(loss, datamodule, choices, regularizers, mixer)
+    check_optimizer(cfg, choices)
     sample_positives(loss, datamodule, choices)
     try:
         backbone = hydra.utils.instantiate(
@@ -220,12 +264,15 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
             f"backbone={backbone_name} cannot be built for dataset={choices.get('dataset', datamodule.name)} "
             f"({datamodule.num_channels}x{datamodule.image_size}x{datamodule.image_size} images): {cause}"
         ) from error
+    if mixer is not None:
+        mixer.check_backbone(backbone)
     module = Objective(
         backbone=backbone,
         loss=loss,
         num_classes=datamodule.num_classes,
         class_counts=datamodule.class_counts,
         regularizers=regularizers,
+        mixer=mixer,
         multi_label=datamodule.multi_label,
         unseen_class_stages=list(datamodule.unseen_class_stages),
         optimizer=_instantiate(cfg.optimizer, "optimizer"),

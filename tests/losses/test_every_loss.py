@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from losslab.errors import ConfigError
 from losslab.losses import CrossEntropy
 from losslab.losses.base import SoftTargetError
-from losslab.losses.baselines import Focal
+from losslab.losses.baselines import SquaredHinge
 from losslab.train import check_compatible, soft_target_source
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
@@ -97,7 +97,7 @@ DATA = SimpleNamespace(name="fashion_mnist", batch_size=8, n_views=1, sampler="r
 
 
 def test_start_up_refuses_a_loss_without_soft_targets_when_mixing_makes_them():
-    with pytest.raises(ConfigError, match=r"mixing=cutmix .*loss=focal refuses them; use one of: .*\bce\b"):
-        check_compatible(Focal(), DATA, {"loss": "focal", "dataset": "fashion_mnist", "mixing": "cutmix"})
+    with pytest.raises(ConfigError, match=r"mixing=cutmix .*loss=l2svm refuses them; use one of: .*\bce\b.*supcon"):
+        check_compatible(SquaredHinge(), DATA, {"loss": "l2svm", "dataset": "fashion_mnist", "mixing": "cutmix"})
     check_compatible(CrossEntropy(), DATA, {"loss": "ce", "dataset": "fashion_mnist", "mixing": "cutmix"})
-    check_compatible(Focal(), DATA, {"loss": "focal", "dataset": "fashion_mnist", "mixing": "none"})
+    check_compatible(SquaredHinge(), DATA, {"loss": "l2svm", "dataset": "fashion_mnist", "mixing": "none"})
