@@ -34,6 +34,7 @@ from losslab.retrieval import RepresentationMetrics
 
 if TYPE_CHECKING:
     from losslab.mixing import MixedBatch, Mixer
+    from losslab.teacher import Teacher
 
 
 def is_two_pass(optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
@@ -62,12 +63,13 @@ class Objective(L.LightningModule):
         knn_k: int = 200,
         knn_temperature: float = 0.07,
         mixer: Mixer | None = None,
+        teacher: Teacher | None = None,
     ) -> None:
         super().__init__()
         if loss.kind not in KINDS:
             raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
         self.save_hyperparameters(
-            ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers", "mixer"]
+            ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers", "mixer", "teacher"]
         )
         if loss.needs_class_counts:
             if class_counts is None:
@@ -91,6 +93,10 @@ class Objective(L.LightningModule):
         # The classifier a classification loss builds; a linear online probe (on detached features) otherwise.
         if loss.kind == "classification":
             self.head = loss.build_head(feature_dim, num_classes)
+            if loss.needs_teacher:
+                if teacher is None:
+                    raise TypeError(f"{type(loss).__name__} distils a teacher, but none was given")
+                loss.setup_distillation(feature_dim, teacher.feature_dim)
         else:
             self.head = nn.Linear(feature_dim, num_classes)
         self.regularizers = nn.ModuleDict(regularizers or {})
@@ -98,6 +104,9 @@ class Objective(L.LightningModule):
             regularizer.build(feature_dim, num_classes)
         self.num_classes = num_classes
         self.mixer = mixer
+        # The frozen teacher of a distillation loss: not a submodule, so it stays out of the parameters, the
+        # optimizer and the checkpoints (moved to the device when fitting and evaluating start).
+        object.__setattr__(self, "teacher", teacher)
         # SAM-style optimisers step twice per batch: Lightning's manual optimisation (see _two_pass_step).
         self.automatic_optimization = not is_two_pass(optimizer)
         self.projector: nn.Module | None = None
@@ -173,7 +182,11 @@ class Objective(L.LightningModule):
         if self.loss.kind == "classification":
             all_logits = self.head(all_features)
             logits = all_logits[: len(flat_target)]
-            loss = self.loss(logits, flat_target)
+            if self.loss.needs_teacher:  # the teacher sees the images the student sees (mixed ones included)
+                teacher = self.teacher(flat_images[: len(flat_target)])
+                loss = self.loss(logits, flat_target, teacher, features=features)
+            else:
+                loss = self.loss(logits, flat_target)
             total = loss
             context = None
             for name, regularizer in self.regularizers.items():
@@ -232,6 +245,29 @@ class Objective(L.LightningModule):
             return None
         images, target = batch
         return self.mixer(images, target, self.num_classes)
+
+    def _teacher_to_device(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_fit_start(self) -> None:
+        """The teacher joins the student's device; a loss that needs the teacher's class means (ND) gets them,
+        over the unaugmented training split (again on resume: they are not checkpointed)."""
+        self._teacher_to_device()
+        if self.teacher is None or not getattr(self.loss, "needs_teacher_class_means", False):
+            return
+        datamodule = self.trainer.datamodule
+        batches = (
+            datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
+            for images, labels in datamodule.train_eval_dataloader()
+        )
+        self.loss.set_teacher_class_means(self.teacher.class_means(batches, self.num_classes))
+
+    def on_validation_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_test_start(self) -> None:
+        self._teacher_to_device()
 
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch, self.trainer.max_epochs)

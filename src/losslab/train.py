@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from losslab import paradigm
 from losslab.errors import ConfigError, LossLabError
 from losslab.losses.base import KINDS, Loss
-from losslab.mixing import Mixer
+from losslab.mixing import ManifoldMixup, Mixer
 from losslab.objective import Objective
 from losslab.recording import (
     EpochRecorder,
@@ -39,6 +39,7 @@ from losslab.recording import (
     write_json_atomic,
 )
 from losslab.regularizers import Regularizer
+from losslab.teacher import Teacher
 from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
 
 log = logging.getLogger("losslab")
@@ -82,9 +83,9 @@ def _choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/") and v}
 
 
-# Config groups whose choices turn hard labels into [N, C] probability targets (batch mixing, distillation);
-# "none" is the choice that leaves them hard.
-SOFT_TARGET_GROUPS = ("mixing", "teacher")
+# Config groups whose choices turn hard labels into [N, C] probability targets (batch mixing); "none" is the choice
+# that leaves them hard. A teacher reaches its distillation loss as an argument of its own, not through the targets.
+SOFT_TARGET_GROUPS = ("mixing",)
 
 
 def soft_target_source(choices: dict[str, str], mixer: Mixer | None = None) -> str | None:
@@ -105,9 +106,18 @@ def check_compatible(
     choices: dict[str, str],
     regularizers: dict[str, Regularizer] | None = None,
     mixer: Mixer | None = None,
+    teacher: Teacher | None = None,
 ) -> None:
     """Combinations that cannot work, rejected before any training, naming both choices."""
     loss_name, dataset_name = choices.get("loss", type(loss).__name__), choices.get("dataset", datamodule.name)
+    if loss.needs_teacher and teacher is None:
+        raise ConfigError(
+            f"loss={loss_name} distils a teacher, but teacher=none; choose teacher=run teacher.run_dir=<run dir>, "
+            "teacher=torchvision or teacher=timm"
+        )
+    if teacher is not None and not loss.needs_teacher:
+        log.warning("teacher=%s is loaded but loss=%s does not use it (distillation losses: %s)",
+                    choices.get("teacher", "?"), loss_name, ", ".join(loss_choices(lambda cls: cls.needs_teacher)))
     soft_from = soft_target_source(choices, mixer)
     # Multi-label losses take [N, C] targets in [0, 1] anyway: mixed multi-hot targets are such targets.
     if soft_from and not loss.accepts_soft_targets and not datamodule.multi_label:
@@ -117,6 +127,11 @@ def check_compatible(
         )
     if mixer is not None:
         mixing_name = f"mixing={choices.get('mixing', type(mixer).__name__)}"
+        if teacher is not None and loss.needs_teacher and isinstance(mixer, ManifoldMixup):
+            raise ConfigError(
+                f"{mixing_name} mixes a hidden layer of the student, which teacher={choices.get('teacher', '?')} "
+                "cannot follow; use an input mixing (mixup, cutmix, mixup_cutmix) with distillation"
+            )
         if mixer.needs_logits and loss.kind != "classification":
             raise ConfigError(
                 f"{mixing_name} adds a term on class logits, but loss={loss_name} is an {loss.kind} loss without "
@@ -251,7 +266,13 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     backbone_name = choices.get("backbone", cfg.backbone.get("_target_", "?"))
-    check_compatible(loss, datamodule, choices, regularizers, mixer)
+    teacher: Teacher | None = None
+    if cfg.get("teacher"):
+        teacher = _instantiate(
+            cfg.teacher, "teacher", num_classes=datamodule.num_classes, in_channels=datamodule.num_channels,
+            image_size=datamodule.image_size,
+        )
+    check_compatible(loss, datamodule, choices, regularizers, mixer, teacher)
     check_optimizer(cfg, choices)
     sample_positives(loss, datamodule, choices)
     try:
@@ -273,6 +294,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
         class_counts=datamodule.class_counts,
         regularizers=regularizers,
         mixer=mixer,
+        teacher=teacher if loss.needs_teacher else None,
         multi_label=datamodule.multi_label,
         unseen_class_stages=list(datamodule.unseen_class_stages),
         optimizer=_instantiate(cfg.optimizer, "optimizer"),
@@ -448,6 +470,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "monitor": monitor,
         "evaluated_checkpoint": Path(checkpoint).name if checkpoint else "last weights",
         "pretrained": paradigm.provenance(cfg),
+        "teacher": getattr(module.teacher, "source", None),
         "epochs_completed": len(epoch_rows),
         "wall_time_s": round(time.time() - started, 3),
         "fit_time_s": round(fit_seconds, 3),

@@ -9,6 +9,10 @@ from omegaconf import OmegaConf
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
 
 PAPER_DEFAULTS = {
+    "kd": ("KnowledgeDistillation", {"alpha": 0.9, "temperature": 4.0}),
+    "dkd": ("DecoupledKD", {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20}),
+    "dhkd": ("DualHeadKD", {"alpha": 1.0, "temperature": 2.0, "auxiliary_head": "linear"}),
+    "nd_kd": ("NormDirectionKD", {"kd_weight": 1.0, "temperature": 4.0, "nd_weight": 2.0, "warmup_epochs": 20}),
     "ce": ("CrossEntropy", {}),
     "label_smoothing": ("LabelSmoothing", {"epsilon": 0.1}),
     "focal": ("Focal", {"gamma": 2.0, "sigmoid_alpha": 0.25}),
