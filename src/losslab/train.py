@@ -39,8 +39,8 @@ from losslab.recording import (
     write_json_atomic,
 )
 from losslab.regularizers import Regularizer
-from losslab.teacher import Teacher
 from losslab.sweep import job_number, load_resolved, parallel_jobs, same_run
+from losslab.teacher import Teacher
 
 log = logging.getLogger("losslab")
 
