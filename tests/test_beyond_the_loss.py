@@ -125,3 +125,17 @@ def test_a_distillation_loss_without_a_teacher_stops_at_start_up(tmp_path):
 def test_manifold_mixup_is_refused_with_distillation(teacher_run, tmp_path):
     with pytest.raises(ConfigError, match=r"mixing=manifold_mixup .*teacher=run"):
         run(["loss=kd", "teacher=run", f"teacher.run_dir={teacher_run}", "mixing=manifold_mixup"], tmp_path)
+
+
+def test_distill_experiment_trains_its_teacher_once_and_every_student_loads_it(tmp_path):
+    """experiment=distill_fashion_mnist on digits, with a one-epoch MLP teacher: the first student trains the teacher
+    in teacher.run_dir, the next one (another seed) finds it complete and reuses it."""
+    stage = 'teacher_stage=["backbone=mlp","loss=ce","seed=0","trainer.max_epochs=1"]'
+    common = ["experiment=distill_fashion_mnist", "dataset=digits", f"paths.log_dir={tmp_path}", stage,
+              "trainer.max_epochs=1", "~callbacks.rich_progress_bar"]  # fmt: skip
+    teacher_results = tmp_path / "multirun" / "distill_fashion_mnist" / "teacher_resnet18" / "results.json"
+    first = run_training([*common, "loss=kd", "seed=0"], tmp_path / "kd0")
+    written = teacher_results.stat().st_mtime_ns
+    second = run_training([*common, "loss=dkd", "seed=1"], tmp_path / "dkd1")
+    assert teacher_results.stat().st_mtime_ns == written
+    assert first["teacher"] == second["teacher"] and "teacher_resnet18 (best.ckpt)" in first["teacher"]

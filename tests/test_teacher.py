@@ -176,3 +176,18 @@ def test_from_model_gives_logits_and_penultimate_features(library, channels):
 def test_from_model_names_the_option_at_fault(kwargs, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
         from_model(num_classes=7, in_channels=3, image_size=32, **kwargs)
+
+
+def test_a_smoke_test_teacher_without_checkpoint_keeps_its_initial_weights(tmp_path):
+    """A debug=fdr teacher run saves no checkpoint: its architecture is rebuilt with initial weights (a debug=fdr
+    distillation chain then runs end to end); a real run without the checkpoint is still refused."""
+    make_run(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").unlink()
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint=last"):
+        load(tmp_path / "run")
+    config.trainer = {"fast_dev_run": True}
+    OmegaConf.save(config, tmp_path / "run" / "config.yaml")
+    teacher = load(tmp_path / "run")
+    assert "fast_dev_run" in teacher.source
+    assert teacher(torch.randn(2, CHANNELS, SIZE, SIZE)).logits.shape == (2, CLASSES)

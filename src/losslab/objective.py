@@ -12,7 +12,8 @@ and the metrics are the multi-label ones (mAP, F1, exact match, Hamming).
 Training batches may first pass through a batch mixer (:mod:`losslab.mixing`), which can turn the targets into
 probabilities, mix a hidden layer, add rows the loss does not see and add a term of its own. An optimiser that
 declares ``two_pass`` (SAM, ASAM: :mod:`losslab.optimizers`) switches the module to Lightning's manual
-optimisation, with both passes on the same (mixed) batch.
+optimisation, with both passes on the same (mixed) batch; so does one that declares ``separates_distillation``
+(DOT), which takes a distillation loss's two terms as two gradients.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ if TYPE_CHECKING:
 def is_two_pass(optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
     """Whether the optimizer (a class, or Hydra's partial of one) takes two gradients per step (SAM)."""
     return bool(getattr(getattr(optimizer, "func", optimizer), "two_pass", False))
+
+
+def separates_distillation(optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
+    """Whether the optimizer (a class, or Hydra's partial of one) takes the distillation term's gradient apart
+    from the task's (DOT)."""
+    return bool(getattr(getattr(optimizer, "func", optimizer), "separates_distillation", False))
 
 
 class Objective(L.LightningModule):
@@ -107,8 +114,9 @@ class Objective(L.LightningModule):
         # The frozen teacher of a distillation loss: not a submodule, so it stays out of the parameters, the
         # optimizer and the checkpoints (moved to the device when fitting and evaluating start).
         object.__setattr__(self, "teacher", teacher)
-        # SAM-style optimisers step twice per batch: Lightning's manual optimisation (see _two_pass_step).
-        self.automatic_optimization = not is_two_pass(optimizer)
+        # SAM-style optimisers step twice per batch, DOT takes two gradients: Lightning's manual optimisation
+        # (see _two_pass_step, _distillation_oriented_step).
+        self.automatic_optimization = not (is_two_pass(optimizer) or separates_distillation(optimizer))
         self.projector: nn.Module | None = None
         if loss.kind == "embedding":
             hidden = projection_hidden_dim or feature_dim
@@ -161,10 +169,11 @@ class Objective(L.LightningModule):
 
     def _step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, mixed: MixedBatch | None = None,
-        record: bool = True,
-    ) -> torch.Tensor | None:  # fmt: skip
+        record: bool = True, terms: bool = False,
+    ) -> Any:  # fmt: skip
         """The loss of one batch (its metrics updated and logged when ``record``). ``mixed``: the training batch
-        as the mixer left it, which replaces ``batch``'s images and targets."""
+        as the mixer left it, which replaces ``batch``'s images and targets. ``terms`` (a distillation loss):
+        ``(everything but the distillation term, the distillation term)`` instead of their sum."""
         images, target = (mixed.images, mixed.target) if mixed is not None else batch
         batch_size = len(target)  # the rows the loss sees; a mixer may append rows only its own term sees
         flat_images, _, n_views = self._flatten_views(images, target)
@@ -179,15 +188,22 @@ class Objective(L.LightningModule):
             self.representation.update(stage, features.detach(), hard_target)
         if stage in self.unseen_class_stages:
             return None  # classes the model never trained on: no logits, loss or accuracy, only retrieval
+        distillation = None
         if self.loss.kind == "classification":
             all_logits = self.head(all_features)
             logits = all_logits[: len(flat_target)]
             if self.loss.needs_teacher:  # the teacher sees the images the student sees (mixed ones included)
                 teacher = self.teacher(flat_images[: len(flat_target)])
-                loss = self.loss(logits, flat_target, teacher, features=features)
+                if terms:
+                    task, distillation = self.loss.distillation_terms(
+                        logits, flat_target, teacher, features=features
+                    )
+                    loss = task + distillation
+                else:
+                    loss = self.loss(logits, flat_target, teacher, features=features)
             else:
                 loss = self.loss(logits, flat_target)
-            total = loss
+            total = loss if distillation is None else task
             context = None
             for name, regularizer in self.regularizers.items():
                 if regularizer.needs_context:
@@ -218,7 +234,7 @@ class Objective(L.LightningModule):
             self._log(record, f"{stage}/probe_loss", probe_loss, batch_size=batch_size)
             total = loss + probe_loss
         if not record:
-            return total
+            return (total, distillation) if terms else total
         self._log(record, f"{stage}/loss", loss, batch_size=batch_size, prog_bar=stage != "test")
         # A gathered loss counted the global batch on every rank: each rank logs its share of the counts.
         counted_by = world_size() if gathers(self.loss) else 1
@@ -228,7 +244,7 @@ class Objective(L.LightningModule):
         metrics.update(logits, flat_target if self.multi_label else hard_target, evaluation=stage != "train")
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items().items()},
                       on_step=False, on_epoch=True, batch_size=batch_size)
-        return total
+        return (total, distillation) if terms else total
 
     def _evaluate_regularizer(
         self, name: str, regularizer: nn.Module, context: RegularizerContext, hard_target: torch.Tensor, stage: str,
@@ -276,7 +292,27 @@ class Objective(L.LightningModule):
         mixed = self._mix(batch)
         if self.automatic_optimization:
             return self._step(batch, "train", mixed)
+        if separates_distillation(self.optimizer_factory):
+            return self._distillation_oriented_step(batch, mixed)
         return self._two_pass_step(batch, mixed)
+
+    def _distillation_oriented_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], mixed: MixedBatch | None
+    ) -> torch.Tensor:
+        """DOT (Zhao et al. 2023) under manual optimisation, one forward pass: the distillation term's gradient
+        goes to its own momentum (``step_kd``), then the gradient of the rest (task term, regularisers, the
+        mixer's term) to the task momentum and the step; then the per-step schedules."""
+        optimizer = self.optimizers()
+        task, distillation = self._step(batch, "train", mixed, terms=True)
+        optimizer.zero_grad()
+        self.manual_backward(distillation, retain_graph=True)
+        optimizer.optimizer.step_kd()
+        optimizer.zero_grad()
+        self.manual_backward(task)
+        optimizer.step()  # Lightning's step (it counts global_step); DOT's step then combines both momenta
+        optimizer.zero_grad()
+        self._step_schedulers("step")
+        return (task + distillation).detach()
 
     def _two_pass_step(self, batch: tuple[torch.Tensor, torch.Tensor], mixed: MixedBatch | None) -> torch.Tensor:
         """SAM / ASAM (Foret et al. 2021, Kwon et al. 2021) under manual optimisation: the gradient at w, the

@@ -1,10 +1,12 @@
-"""Optimizers beyond torch.optim (Lion, LARS, SAM/ASAM, SWATS, MoMo) and an EMA of the weights (a Lightning
-callback).
+"""Optimizers beyond torch.optim (Lion, LARS, SAM/ASAM, SWATS, MoMo, DOT) and an EMA of the weights (a
+Lightning callback).
 
 Each optimizer is configured by Hydra with ``_partial_: true`` and called by the training module as
-``factory(params=...)``; hyperparameter names follow the papers. Two class attributes tell the training module
+``factory(params=...)``; hyperparameter names follow the papers. Class attributes tell the training module
 what an optimizer needs beyond ``step()``: ``two_pass`` (SAM, ASAM: a second forward/backward at perturbed
-weights) and ``needs_loss`` (MoMo: ``step(closure)`` with a closure that returns the loss).
+weights), ``needs_loss`` (MoMo: ``step(closure)`` with a closure that returns the loss) and
+``separates_distillation`` (DOT: the distillation term's gradient first, through ``step_kd()``, then the task
+term's).
 """
 
 from __future__ import annotations
@@ -521,3 +523,92 @@ class EMAWeightAveraging(WeightAveraging):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self._average_model is not None:  # resuming fit: restore both the raw and the averaged weights
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+class DOT(Optimizer):
+    """DOT, the Distillation-Oriented Trainer (Zhao, Song, Qiu, Cui & Liang 2023, "DOT: A Distillation-Oriented
+    Trainer", ICCV; the official ``mdistiller/engine/dot.py``): SGD with heavy-ball momentum (no dampening, not
+    Nesterov) and one momentum buffer per loss, the distillation gradient's kept longer than the task gradient's:
+
+    ``b_task ← (μ - Δ) b_task + g_task + λ w``;  ``b_kd ← (μ + Δ) b_kd + g_kd``;  ``w ← w - lr (b_task + b_kd)``.
+
+    Each buffer starts at its first gradient (as torch's SGD). A tensor with one of the two gradients only keeps
+    that buffer at ``μ`` and takes the weight decay λ with it; the official code adds λ to a distillation-only
+    gradient from its second step on, and so does this one. With ``Δ = 0`` the two buffers sum to SGD momentum on
+    ``g_task + g_kd``. ``momentum`` is named as torch names it, so schedulers that cycle momentum move ``μ``.
+
+    Per step: backward the distillation term, ``step_kd()`` (keeps a copy of ``.grad`` as ``g_kd``), zero the
+    gradients, backward the task term, ``step()`` (takes ``.grad`` as ``g_task`` and updates the weights).
+    """
+
+    separates_distillation = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        delta: float = 0.075,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        _require("lr", lr, lr > 0, "> 0")
+        _require("momentum", momentum, 0.0 < momentum < 1.0, "in (0, 1)")
+        _require(
+            "delta", delta, 0.0 <= delta < min(momentum, 1.0 - momentum),
+            f"in [0, min(momentum, 1 - momentum)) = [0, {min(momentum, 1.0 - momentum):g}), so that both momenta "
+            "lie in (0, 1)",
+        )  # fmt: skip
+        _require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+        defaults = {"lr": lr, "momentum": momentum, "delta": delta, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step_kd(self) -> None:
+        """Keep the current gradients as the distillation gradients of the next :meth:`step` (replacing any
+        kept before); tensors without a gradient have none."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    self.state.get(p, {}).pop("distillation_grad", None)
+                else:
+                    self.state[p]["distillation_grad"] = p.grad.detach().clone()
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, delta, weight_decay = group["momentum"], group["delta"], group["weight_decay"]
+            for p in group["params"]:
+                task_grad = p.grad
+                distillation_grad = self.state.get(p, {}).pop("distillation_grad", None)
+                if task_grad is None and distillation_grad is None:
+                    continue
+                state, both = self.state[p], task_grad is not None and distillation_grad is not None
+                buffers = []
+                if task_grad is not None:
+                    if weight_decay:
+                        task_grad = task_grad + weight_decay * p
+                    task_momentum = momentum - delta if both else momentum
+                    buffers.append(self._accumulate(state, "momentum_buffer", task_grad, task_momentum))
+                if distillation_grad is not None:
+                    name = "distillation_momentum_buffer"
+                    # Weight decay from the second step on, as the official code adds it.
+                    if weight_decay and not both and name in state:
+                        distillation_grad = distillation_grad + weight_decay * p
+                    distillation_momentum = momentum + delta if both else momentum
+                    buffers.append(self._accumulate(state, name, distillation_grad, distillation_momentum))
+                for buffer in buffers:  # both buffers were computed from the weights before this update
+                    p.add_(buffer, alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _accumulate(state: dict, name: str, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+        """``b ← momentum b + grad``, the buffer starting at its first gradient."""
+        if name not in state:
+            state[name] = grad.detach().clone()
+        else:
+            state[name].mul_(momentum).add_(grad)
+        return state[name]

@@ -48,7 +48,7 @@ PARADIGMS = ("joint", "linear_eval", "finetune")
 CHECKPOINTS = ("last", "best")
 # Overrides choosing what a stage trains: a chain's pretrain stage takes them from paradigm.pretrain, never from
 # the command line of the run that evaluates it.
-STAGE_GROUPS = ("experiment", "paradigm", "loss", "regularizer")
+STAGE_GROUPS = ("experiment", "paradigm", "loss", "regularizer", "mixing", "teacher", "teacher_stage")
 
 
 def paradigm_name(cfg: DictConfig) -> str:
@@ -258,17 +258,37 @@ def train_pretrain_stage(cfg: DictConfig) -> dict[str, Any] | None:
             "paradigm.pretrain trains a first stage for paradigm=linear_eval or finetune to start from: "
             "set those, with paradigm.from_run=<where the stage trains>"
         )
-    run_dir = _from_run(cfg)
-    overrides = _stage_overrides([str(override) for override in stage])
+    return train_stage([str(override) for override in stage], _from_run(cfg), "paradigm.pretrain")
+
+
+def train_teacher_stage(cfg: DictConfig) -> dict[str, Any] | None:
+    """The run a distillation's ``teacher=run`` loads, trained first into ``teacher.run_dir`` (or found complete
+    there) when ``teacher_stage`` lists its overrides; several students (a sweep) share it."""
+    stage = cfg.get("teacher_stage")
+    if not stage:
+        return None
+    run_dir = (cfg.get("teacher") or {}).get("run_dir")
+    if not run_dir:
+        raise ConfigError(
+            "teacher_stage trains the teacher that teacher=run loads: set teacher=run and "
+            "teacher.run_dir=<where it trains>"
+        )
+    path = Path(str(run_dir)).expanduser()
+    path = path if path.is_absolute() else Path(cfg.paths.root_dir) / path
+    return train_stage([str(override) for override in stage], path, "teacher_stage")
+
+
+def train_stage(stage: list[str], run_dir: Path, option: str) -> dict[str, Any]:
+    """An ordinary run composed from ``train.yaml``, this job's shared command-line overrides and ``stage``, trained
+    in ``run_dir`` before the run that starts from it (complete stages are skipped, interrupted ones resumed)."""
+    overrides = _stage_overrides(stage)
     try:
         stage_cfg = _compose(overrides)
     except Exception as error:
-        raise ConfigError(
-            f"paradigm.pretrain={list(stage)}: the stage cannot be composed: {error}"
-        ) from error
+        raise ConfigError(f"{option}={list(stage)}: the stage cannot be composed: {error}") from error
     from losslab.train import train  # the stage is an ordinary run
 
-    log.info("pretrain stage (%s) in %s", " ".join(overrides), run_dir)
+    log.info("%s (%s) in %s", option, " ".join(overrides), run_dir)
     with _stage_hydra_config(stage_cfg, run_dir):
         with open_dict(stage_cfg):
             del stage_cfg.hydra

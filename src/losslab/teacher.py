@@ -96,6 +96,17 @@ def from_run(
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"teacher.checkpoint={checkpoint!r}: allowed values are {', '.join(CHECKPOINTS)}")
     checkpoint_file = path / "checkpoints" / f"{checkpoint}.ckpt"
+    smoke = (load_resolved(path / "config.yaml") or {}).get("trainer", {}).get("fast_dev_run")
+    if not checkpoint_file.is_file() and smoke:
+        # A smoke test's teacher (debug=fdr saves no checkpoint): its architecture with initial weights, so that
+        # a debug=fdr distillation chain runs end to end, as a two-stage paradigm chain does.
+        saved = load_resolved(path / "config.yaml")
+        backbone = hydra.utils.instantiate(
+            OmegaConf.create(saved["backbone"]), in_channels=in_channels, image_size=image_size
+        )
+        head = nn.Linear(backbone.feature_dim, num_classes)
+        return Teacher(backbone, head, backbone.feature_dim, num_classes,
+                       source=f"run {path} (fast_dev_run: no checkpoint, initial weights)")  # fmt: skip
     if not checkpoint_file.is_file():
         hint = (
             " (it kept only last.ckpt: use teacher.checkpoint=last)"

@@ -174,12 +174,19 @@ def check_compatible(
         raise ConfigError(f"dataset={dataset_name} has {datamodule.num_classes} class; at least 2 are needed")
 
 
-def check_optimizer(cfg: DictConfig, choices: dict[str, str]) -> None:
+def check_optimizer(cfg: DictConfig, choices: dict[str, str], loss: Loss) -> None:
     """Optimiser settings the training loop cannot honour, named with the option that conflicts."""
     optimizer_class = hydra.utils.get_class(cfg.optimizer._target_) if cfg.optimizer.get("_target_") else None
-    if not getattr(optimizer_class, "two_pass", False):
+    separates_distillation = getattr(optimizer_class, "separates_distillation", False)
+    if not (getattr(optimizer_class, "two_pass", False) or separates_distillation):
         return
     name = f"optimizer={choices.get('optimizer', cfg.optimizer._target_)}"
+    if separates_distillation and not loss.needs_teacher:
+        raise ConfigError(
+            f"{name} separates the distillation gradient from the task gradient, but "
+            f"loss={choices.get('loss', type(loss).__name__)} has none; use loss="
+            + "|".join(loss_choices(lambda cls: cls.needs_teacher))
+        )
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision.startswith("16") or precision == "fp16-mixed":
         raise ConfigError(
@@ -273,7 +280,7 @@ def build(cfg: DictConfig) -> tuple[Any, Objective, L.Trainer, EpochRecorder]:
             image_size=datamodule.image_size,
         )
     check_compatible(loss, datamodule, choices, regularizers, mixer, teacher)
-    check_optimizer(cfg, choices)
+    check_optimizer(cfg, choices, loss)
     sample_positives(loss, datamodule, choices)
     try:
         backbone = hydra.utils.instantiate(
@@ -429,6 +436,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", resume_from)
     _share_the_machine(cfg)
     paradigm.train_pretrain_stage(cfg)  # a two-stage chain's pretraining run, trained or found complete first
+    paradigm.train_teacher_stage(cfg)  # likewise a distillation's teacher run
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
