@@ -15,3 +15,8 @@ class DataNotFoundError(LossLabError):
 
 class DataFormatError(LossLabError):
     """A dataset file exists but is truncated, corrupt or has unexpected contents."""
+
+
+class NonFiniteLossError(LossLabError):
+    """A training step's loss or gradient was NaN or infinite (``non_finite=stop``); the message names the epoch,
+    step, batch and the values of the loss terms."""

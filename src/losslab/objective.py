@@ -18,6 +18,7 @@ optimisation, with both passes on the same (mixed) batch; so does one that decla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losslab.distributed import gathers, global_batch, world_size
+from losslab.errors import ConfigError, NonFiniteLossError
 from losslab.losses.base import KINDS, Loss
 from losslab.metrics import MultiLabelStageMetrics, StageMetrics
 from losslab.regularizers import RegularizerContext
@@ -36,6 +38,12 @@ from losslab.retrieval import RepresentationMetrics
 if TYPE_CHECKING:
     from losslab.mixing import MixedBatch, Mixer
     from losslab.teacher import Teacher
+
+log = logging.getLogger("losslab")
+
+
+# What a training step with a non-finite loss or gradient does (the top-level option ``non_finite``).
+NON_FINITE_MODES = ("stop", "skip")
 
 
 def is_two_pass(optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
@@ -52,6 +60,9 @@ def separates_distillation(optimizer: Callable[..., torch.optim.Optimizer]) -> b
 class Objective(L.LightningModule):
     # Set by losslab.paradigm.freeze_backbone (paradigm=linear_eval): the backbone then stays in eval mode.
     frozen_backbone = False
+    # Set by losslab.train from the top-level option: "stop" raises NonFiniteLossError at a non-finite loss or
+    # gradient, "skip" drops that optimizer step and counts it (skipped_steps, kept in checkpoints).
+    non_finite = "stop"
 
     def __init__(
         self,
@@ -75,6 +86,16 @@ class Objective(L.LightningModule):
         super().__init__()
         if loss.kind not in KINDS:
             raise TypeError(f"{type(loss).__name__}.kind={loss.kind!r}; a loss must declare one of {KINDS}")
+        for option, value in (("projection_dim", projection_dim), ("knn_k", knn_k)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"objective.{option}={value!r}: must be an integer >= 1")
+        hidden = projection_hidden_dim
+        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+            raise ConfigError(
+                f"objective.projection_hidden_dim={hidden!r}: must be null (the feature dimension) or an integer >= 1"
+            )
+        if not isinstance(knn_temperature, (int, float)) or knn_temperature <= 0:
+            raise ConfigError(f"objective.knn_temperature={knn_temperature!r}: must be > 0")
         self.save_hyperparameters(
             ignore=["backbone", "loss", "optimizer", "scheduler", "class_counts", "regularizers", "mixer", "teacher"]
         )
@@ -117,6 +138,13 @@ class Objective(L.LightningModule):
         # SAM-style optimisers step twice per batch, DOT takes two gradients: Lightning's manual optimisation
         # (see _two_pass_step, _distillation_oriented_step).
         self.automatic_optimization = not (is_two_pass(optimizer) or separates_distillation(optimizer))
+        # The non-finite guard (_guard): the training batch's loss terms as _step logs them, for the error message;
+        # under automatic optimisation the totals of the batches since the last optimizer step, checked with the
+        # gradients in on_before_optimizer_step.
+        self._terms: dict[str, Any] = {}
+        self._pending_losses: list[torch.Tensor] = []
+        self._batch_idx = -1
+        self.skipped_steps = 0
         self.projector: nn.Module | None = None
         if loss.kind == "embedding":
             hidden = projection_hidden_dim or feature_dim
@@ -166,6 +194,8 @@ class Objective(L.LightningModule):
     def _log(self, record: bool, name: str, value: Any, **kwargs: Any) -> None:
         if record:
             self.log(name, value, on_step=False, on_epoch=True, sync_dist=True, **kwargs)
+            if name.startswith("train/") and (name.endswith("loss") or name.startswith("train/reg/")):
+                self._terms[name.removeprefix("train/")] = value.detach() if torch.is_tensor(value) else value
 
     def _step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, mixed: MixedBatch | None = None,
@@ -289,9 +319,12 @@ class Objective(L.LightningModule):
         self.loss.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._terms, self._batch_idx = {}, batch_idx
         mixed = self._mix(batch)
         if self.automatic_optimization:
-            return self._step(batch, "train", mixed)
+            total = self._step(batch, "train", mixed)
+            self._pending_losses.append(total.detach())  # checked with the gradients, before the optimizer steps
+            return total
         if separates_distillation(self.optimizer_factory):
             return self._distillation_oriented_step(batch, mixed)
         return self._two_pass_step(batch, mixed)
@@ -306,9 +339,15 @@ class Objective(L.LightningModule):
         task, distillation = self._step(batch, "train", mixed, terms=True)
         optimizer.zero_grad()
         self.manual_backward(distillation, retain_graph=True)
+        distillation_gradient_norm = self._gradient_norm()
         optimizer.optimizer.step_kd()
         optimizer.zero_grad()
         self.manual_backward(task)
+        checked = {"task": task, "distillation": distillation, "distillation_gradient_norm": distillation_gradient_norm,
+                   "task_gradient_norm": self._gradient_norm()}  # fmt: skip
+        if not self._guard(checked):
+            optimizer.zero_grad()
+            optimizer.optimizer.step_kd()  # without gradients: forgets the distillation gradients kept above
         optimizer.step()  # Lightning's step (it counts global_step); DOT's step then combines both momenta
         optimizer.zero_grad()
         self._step_schedulers("step")
@@ -323,13 +362,71 @@ class Objective(L.LightningModule):
         loss = self._step(batch, "train", mixed)
         optimizer.zero_grad()
         self.manual_backward(loss)
-        sam.first_step()
+        gradient_norm = self._gradient_norm()
+        sam.first_step()  # a non-finite gradient perturbs nothing
         optimizer.zero_grad()
-        self.manual_backward(self._step(batch, "train", mixed, record=False))
+        ascent_loss = self._step(batch, "train", mixed, record=False)
+        self.manual_backward(ascent_loss)
+        checked = {"total": loss, "gradient_norm": gradient_norm, "ascent_total": ascent_loss,
+                   "ascent_gradient_norm": self._gradient_norm()}  # fmt: skip
+        if not self._guard(checked):
+            optimizer.zero_grad()  # the step below then restores w and updates nothing
         optimizer.step()  # Lightning's step (it counts global_step); SAM's step then takes the second half
         optimizer.zero_grad()
         self._step_schedulers("step")
         return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Automatic optimisation: the non-finite guard, before the gradients are clipped and applied. A skipped
+        step's gradients are dropped (set to None): the optimizer then leaves every parameter and its state as they
+        were, while global_step and the schedules advance, as for a training_step that returns None."""
+        if not self.automatic_optimization:
+            return  # the manual steps guard themselves, between their passes
+        losses, self._pending_losses = self._pending_losses, []
+        checked = {"total": torch.stack(losses).sum()} if losses else {}
+        # An fp16 GradScaler expects overflowing gradients now and then, and skips those steps itself.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            checked["gradient_norm"] = self._gradient_norm()
+        if checked and not self._guard(checked):
+            optimizer.zero_grad(set_to_none=True)
+
+    def _gradient_norm(self) -> torch.Tensor:
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+
+    def _guard(self, checked: dict[str, torch.Tensor]) -> bool:
+        """Whether the optimizer step may go on: its losses and gradient norms (``checked``, named) are finite on
+        every rank, found with one host synchronisation. If not, ``non_finite=stop`` raises NonFiniteLossError, a
+        one-line message naming the epoch, step, batch and the loss terms; ``skip`` counts the step and returns
+        False, for the caller to step without gradients."""
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float().reshape(())
+                              for value in checked.values()])  # fmt: skip
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(values).all()), all=False)
+        if self.non_finite == "skip":
+            self.skipped_steps += int(bad)
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max",
+                     sync_dist=True, batch_size=1)  # fmt: skip
+        if not bad:
+            return True
+        described = ", ".join(f"{name}={float(value):.6g}" for name, value in {**self._terms, **checked}.items())
+        where = (f"non-finite loss or gradient at epoch {self.current_epoch}, global step {self.global_step}, "
+                 f"batch {self._batch_idx}: {described}")  # fmt: skip
+        if self.non_finite == "stop":
+            raise NonFiniteLossError(f"{where} (non_finite=skip skips such steps)")
+        # Skipping protects the weights and the optimizer's state, not buffers the failing forward pass updated.
+        broken = [name for name, buffer in self.named_buffers()
+                  if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all())]  # fmt: skip
+        if broken:
+            raise NonFiniteLossError(f"{where}; non_finite=skip cannot skip it: the forward pass left non-finite "
+                                     f"buffers ({', '.join(broken[:5])})")  # fmt: skip
+        log.warning("%s: step skipped (non_finite=skip; %d so far)", where, self.skipped_steps)
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["losslab_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("losslab_skipped_steps", 0))
 
     def _step_schedulers(self, interval: str) -> None:
         """Manual optimisation leaves the schedules to the module: those stepping on ``interval``."""

@@ -47,12 +47,17 @@ def onecycle(
     """The 1cycle policy (Smith & Topin 2019); ``max_lr`` defaults to the optimizer's lr."""
     if anneal_strategy not in ("cos", "linear"):
         raise ConfigError(f"scheduler.anneal_strategy={anneal_strategy!r}: allowed values are cos, linear")
+    if not 0.0 <= pct_start <= 1.0:
+        raise ConfigError(f"scheduler.pct_start={pct_start}: must be in [0, 1] (the fraction of steps warming up)")
+    for option, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor), ("max_lr", max_lr)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"scheduler.{option}={value}: must be > 0")
     peak = [group["lr"] for group in optimizer.param_groups] if max_lr is None else max_lr
     scheduler = OneCycleLR(
         optimizer,
         max_lr=peak,
         total_steps=max(1, total_steps),
-        pct_start=pct_start,
+        pct_start=float(pct_start),  # torch refuses the ints 0 and 1
         div_factor=div_factor,
         final_div_factor=final_div_factor,
         anneal_strategy=anneal_strategy,
@@ -66,6 +71,8 @@ def step(
     """Multiply the lr by ``gamma`` at each epoch in ``milestones``."""
     if any(m <= 0 for m in milestones) or list(milestones) != sorted(milestones):
         raise ConfigError(f"scheduler.milestones={list(milestones)}: must be increasing positive epochs")
+    if gamma <= 0:
+        raise ConfigError(f"scheduler.gamma={gamma}: must be > 0 (the factor the lr is multiplied by)")
     return {"scheduler": MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma), "interval": "epoch"}
 
 

@@ -1,5 +1,6 @@
-"""What every run leaves behind: ``metrics.csv`` (one row per epoch) and ``results.json``, both written
-atomically (temporary file in the same directory, then ``os.replace``)."""
+"""What every run leaves behind: ``metrics.csv`` (one row per epoch), ``results.json`` and the checkpoints, all
+written atomically (temporary file in the same directory, then ``os.replace``), so a run killed at any moment
+leaves complete files, or none, under their names."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 VERSIONED_PACKAGES = (
     "losslab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy", "timm",
@@ -47,6 +50,40 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed run left in ``run_dir`` and its ``checkpoints/`` (``.<name>.*.tmp`` of
+    :func:`write_atomic`, ``.<name>.ckpt.tmp`` of :class:`AtomicModelCheckpoint`); returns them."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose checkpoints appear under their names only once complete: written to
+    ``.<name>.tmp`` beside them, flushed to disk, then renamed over the previous one. (Lightning writes to the
+    system's temporary directory and moves the file, a copy that first truncates the previous checkpoint when that
+    directory is on another filesystem.) A run killed while saving keeps its previous checkpoint intact."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not isinstance(self._fs, LocalFileSystem):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        temporary = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
+        trainer.save_checkpoint(temporary, self.save_weights_only)  # writes on global rank 0, then a barrier
+        if trainer.is_global_zero:
+            with open(temporary, "rb") as stream:
+                os.fsync(stream.fileno())
+            os.replace(temporary, filepath)
+        trainer.strategy.barrier("AtomicModelCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,7 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from losslab.recording import write_json_atomic
 
 # Config keys that name or place a run, or only change how it is launched, not what it computes.
-BOOKKEEPING_KEYS = ("run_name", "sweep_name", "resume", "skip_completed", "paths", "num_threads", "debug_traceback")
+# non_finite too: a run stopped by a NaN resumes under non_finite=skip.
+BOOKKEEPING_KEYS = (
+    "run_name", "sweep_name", "resume", "skip_completed", "paths", "num_threads", "debug_traceback", "non_finite",
+)
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +143,8 @@ class SweepManifest(Callback):
         def finish(manifest: dict) -> None:
             run = manifest["runs"].setdefault(job_dir.name, {"dir": str(job_dir), "started_unix": 0.0})
             run["finished_at"] = _now()
-            if job_return.status == JobStatus.COMPLETED and results_path.is_file():
-                results = json.loads(results_path.read_text())
+            results = _results(results_path)
+            if job_return.status == JobStatus.COMPLETED and results.get("status") == "completed":
                 finished = datetime.fromisoformat(results["finished_at"]).timestamp()
                 run["state"] = "skipped" if finished < run.get("started_unix", 0.0) - 1 else "completed"
                 run["val"] = results.get("val", {})
@@ -150,8 +153,22 @@ class SweepManifest(Callback):
                 run["state"] = "failed"
                 error = getattr(job_return, "_return_value", None)
                 run["error"] = repr(error)[:500] if isinstance(error, BaseException) else None
+                recorded_at = datetime.fromisoformat(results.get("finished_at", "1970-01-01T00:00:00+00:00"))
+                if results.get("status") == "failed" and recorded_at.timestamp() >= run.get("started_unix", 0.0) - 1:
+                    # recorded by this job itself (non_finite=stop)
+                    run["error"] = results.get("error", run["error"])
+                    run["last_good_checkpoint"] = results.get("last_good_checkpoint")
 
         self._update(config, finish)
+
+
+def _results(path: Path) -> dict[str, Any]:
+    """A run's results.json, or {} when it is missing or unreadable."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
 
 
 def load_resolved(path: Path) -> dict[str, Any] | None:

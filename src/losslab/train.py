@@ -24,10 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from losslab import paradigm
-from losslab.errors import ConfigError, LossLabError
+from losslab.errors import ConfigError, LossLabError, NonFiniteLossError
 from losslab.losses.base import KINDS, Loss
 from losslab.mixing import ManifoldMixup, Mixer
-from losslab.objective import Objective
+from losslab.objective import NON_FINITE_MODES, Objective
 from losslab.recording import (
     EpochRecorder,
     RandomState,
@@ -35,6 +35,7 @@ from losslab.recording import (
     git_state,
     package_versions,
     peak_memory_mb,
+    remove_stale_temporaries,
     write_atomic,
     write_json_atomic,
 )
@@ -65,7 +66,23 @@ def config_dir() -> str:
 
 
 def _instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
-    """Instantiate one config group, turning constructor errors into errors that name the option."""
+    """Instantiate one config group, turning constructor errors into errors that name the option: a key its
+    ``_target_`` does not take (checked first, so a ``_partial_`` one fails here and not when it is called), text
+    where it takes a number, or what the constructor itself refuses."""
+    import inspect
+
+    target = node.get("_target_", "?")
+    try:
+        parameters = dict(inspect.signature(hydra.utils.get_object(target)).parameters)
+    except (ImportError, ValueError, TypeError):  # a bad _target_: instantiate below reports it
+        parameters = {}
+    keys = [key for key in node if not str(key).startswith("_") and key not in kwargs]
+    if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        for key in keys:
+            if key not in parameters:
+                options = [name for name, p in parameters.items() if p.default is not p.empty or name in node]
+                allowed = f"its options are {', '.join(options)}" if options else "it takes none"
+                raise ConfigError(f"{option}.{key}={node.get(key)!r}: {target} has no option {key!r}; {allowed}")
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except LossLabError:
@@ -74,7 +91,11 @@ def _instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
         cause = error.__cause__ or error
         if isinstance(cause, LossLabError):
             raise cause from None
-        raise ConfigError(f"{option} ({node.get('_target_', '?')}): {cause}") from error
+        for key in keys:  # a number option given text fails on its first comparison, with a message naming neither
+            default, value = getattr(parameters.get(key), "default", None), node.get(key)
+            if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+                raise ConfigError(f"{option}.{key}={value!r}: must be a number") from error
+        raise ConfigError(f"{option} ({target}): {cause}") from error
 
 
 def _choices() -> dict[str, str]:
@@ -150,10 +171,18 @@ def check_compatible(
             f"regularizer={selected} adds a term on class logits, but loss={loss_name} is an {loss.kind} "
             "loss without logits; choose a classification loss or leave out the regularizer"
         )
-    if loss.kind == "embedding" and datamodule.batch_size * max(datamodule.n_views, loss.n_views) < 2:
+    # The views of one image are only positives of each other: the negatives are the batch's other images.
+    if loss.kind == "embedding" and datamodule.batch_size < 2:
         raise ConfigError(
             f"loss={loss_name} compares samples within a batch, but dataset={dataset_name} has "
-            f"dataset.batch_size={datamodule.batch_size}; use a batch size >= 2"
+            f"dataset.batch_size={datamodule.batch_size} (the views of one image hold no negatives); use a batch "
+            "size >= 2"
+        )
+    counts = getattr(datamodule, "class_counts", None)
+    if counts is not None and not datamodule.multi_label and datamodule.batch_size > int(counts.sum()):
+        log.warning(
+            "dataset.batch_size=%d exceeds the %d training images of dataset=%s, and the incomplete last batch is "
+            "dropped: no training step will run", datamodule.batch_size, int(counts.sum()), dataset_name,
         )
     if datamodule.sampler == "m_per_class" and not loss.needs_labels:
         raise ConfigError(
@@ -175,12 +204,44 @@ def check_compatible(
 
 
 def check_optimizer(cfg: DictConfig, choices: dict[str, str], loss: Loss) -> None:
-    """Optimiser settings the training loop cannot honour, named with the option that conflicts."""
+    """Optimiser settings the training loop cannot honour, named with the option that conflicts. The optimizer and
+    its schedule are built once on a stand-in parameter, so a value they refuse fails here, before the trainer
+    starts, and not inside ``fit`` (where torch builds them)."""
+    name = f"optimizer={choices.get('optimizer', cfg.optimizer.get('_target_', '?'))}"
+    # Read the same way by every optimizer here; SAM and ASAM keep their base optimizer's under base_optimizer.
+    for prefix in ("optimizer", "optimizer.base_optimizer"):
+        node = OmegaConf.select(cfg, prefix)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in ("lr", "weight_decay", "momentum", "eps"):
+            value, positive = node.get(key), key == "lr"  # a learning rate of 0 trains nothing
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and (not number or value < 0 or (positive and value == 0)):
+                raise ConfigError(f"{prefix}.{key}={value!r}: must be a number {'> 0' if positive else '>= 0'}")
+        betas = node.get("betas")
+        in_range = OmegaConf.is_list(betas) and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        if betas is not None and not (in_range and len(betas) == 2):
+            raise ConfigError(f"{prefix}.betas={betas}: must be two numbers in [0, 1)")
+    try:
+        optimizer = _instantiate(cfg.optimizer, "optimizer")(params=[torch.nn.Parameter(torch.zeros(1))])
+    except LossLabError:
+        raise
+    except Exception as error:  # the constructor's own checks, e.g. torch's "Invalid ... value"
+        raise ConfigError(f"{name}: {error}") from error
+    if cfg.get("scheduler"):
+        schedule = _instantiate(cfg.scheduler, "scheduler")
+        try:
+            schedule(optimizer, total_steps=100, steps_per_epoch=10)
+        except LossLabError:
+            raise
+        except Exception as error:
+            raise ConfigError(
+                f"scheduler={choices.get('scheduler', cfg.scheduler.get('_target_', '?'))}: {error}"
+            ) from error
     optimizer_class = hydra.utils.get_class(cfg.optimizer._target_) if cfg.optimizer.get("_target_") else None
     separates_distillation = getattr(optimizer_class, "separates_distillation", False)
     if not (getattr(optimizer_class, "two_pass", False) or separates_distillation):
         return
-    name = f"optimizer={choices.get('optimizer', cfg.optimizer._target_)}"
     if separates_distillation and not loss.needs_teacher:
         raise ConfigError(
             f"{name} separates the distillation gradient from the task gradient, but "
@@ -331,6 +392,13 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"optimized_metric={cfg.optimized_metric!r}: sweeps may only select on validation metrics (val/...)"
         )
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r}: must be an integer")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs not in (None, -1) and (not isinstance(max_epochs, int) or max_epochs < 1):  # -1: until max_steps
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs!r}: must be an integer >= 1 (or -1 with trainer.max_steps, or null)"
+        )
     callbacks = cfg.get("callbacks") or {}
     if _is_multi_label(cfg):
         # Multi-label datasets log no val/acc: selection left on it uses mean average precision, val/map.
@@ -398,10 +466,17 @@ def _previous_run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any] | None
     config = OmegaConf.to_container(cfg, resolve=True)
     results_path = run_dir / "results.json"
     if cfg.skip_completed and results_path.is_file():
-        previous = json.loads(results_path.read_text())
-        if previous.get("status") == "completed" and same_run(previous.get("config", {}), config):
+        previous = _read_results(results_path)
+        status = previous.get("status") if previous else None
+        if status == "completed" and same_run(previous.get("config", {}), config):
             return previous, None
-        log.warning("%s holds results of a different config: running again", results_path)
+        if previous is None:
+            log.warning("%s cannot be read: running again", results_path)
+        elif status != "completed":  # a failed run (non_finite=stop) resumes from its last good checkpoint
+            log.warning("%s records a run with status %s (%s): running again", results_path, status,
+                        previous.get("error", "no error recorded"))  # fmt: skip
+        else:
+            log.warning("%s holds results of a different config: running again", results_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume is False:
         return None, None
@@ -413,7 +488,40 @@ def _previous_run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any] | None
     if cfg.resume == "auto" and (saved is None or not same_run(saved, config)):
         log.warning("%s belongs to a different config: starting from scratch (resume=true forces it)", last)
         return None, None
-    return None, str(last)
+    return None, _resumable(run_dir / "checkpoints")
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """Whether ``path`` loads as a Lightning checkpoint; memory-mapped, so only its index and pickled objects are
+    read (a truncated file has lost the index at its end)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # truncated or corrupt: torch raises RuntimeError, pickle and zipfile their own errors
+        return False
+    return isinstance(checkpoint, dict) and "state_dict" in checkpoint and "epoch" in checkpoint
+
+
+def _resumable(checkpoints: Path) -> str | None:
+    """The checkpoint to resume from: last.ckpt; if it cannot be read (checkpoints are written atomically, so only
+    damage from outside truncates one), best.ckpt, the state at the end of an earlier epoch from which the run
+    repeats the epochs since to the same result; if neither can be read, None: start from scratch."""
+    last, best = checkpoints / "last.ckpt", checkpoints / "best.ckpt"
+    if _readable_checkpoint(last):
+        return str(last)
+    if best.is_file() and _readable_checkpoint(best):
+        log.warning("%s cannot be read (truncated or corrupt): resuming from %s, an earlier epoch's state", last, best)
+        return str(best)
+    log.warning("%s cannot be read (truncated or corrupt) and there is no other checkpoint: starting from scratch",
+                last)  # fmt: skip
+    return None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -424,7 +532,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     started = time.time()
     _validate(cfg)
+    non_finite = cfg.get("non_finite", "stop")
+    if non_finite not in NON_FINITE_MODES:
+        raise ConfigError(f"non_finite={non_finite!r}: allowed values are {', '.join(NON_FINITE_MODES)}")
     run_dir = Path(cfg.paths.output_dir)
+    remove_stale_temporaries(run_dir)  # a killed run's half-written files: the complete ones are still in place
     completed, resume_from = _previous_run(cfg, run_dir)
     if completed is not None and paradigm.pretrained_changed(completed, cfg):
         log.warning("%s: the checkpoint its backbone came from has changed since: running again", run_dir)
@@ -442,11 +554,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, module, trainer, recorder = build(cfg)
+    module.non_finite = non_finite
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except NonFiniteLossError as error:
+        if trainer.is_global_zero:
+            _record_failure(cfg, run_dir, error, len(recorder.rows), module.skipped_steps, started)
+        raise
     fit_seconds = time.perf_counter() - fit_started
-    # Evaluating from a checkpoint restores callback state too: keep the epoch rows of the full run.
-    epoch_rows = list(recorder.rows)
+    # Evaluating from a checkpoint restores callback and module state too: keep the epoch rows (and the count of
+    # skipped steps) of the full run.
+    epoch_rows, skipped_steps = list(recorder.rows), module.skipped_steps
 
     checkpoint = _evaluation_checkpoint(cfg, trainer)
     val_results = trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
@@ -480,6 +599,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "pretrained": paradigm.provenance(cfg),
         "teacher": getattr(module.teacher, "source", None),
         "epochs_completed": len(epoch_rows),
+        "skipped_steps": skipped_steps,
         "wall_time_s": round(time.time() - started, 3),
         "fit_time_s": round(fit_seconds, 3),
         "seconds_per_epoch": round(sum(epoch_times) / len(epoch_times), 3) if epoch_times else None,
@@ -498,6 +618,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(run_dir / "results.json", results)
         _print_summary(results)
     return results
+
+
+def _record_failure(
+    cfg: DictConfig, run_dir: Path, error: Exception, epochs_completed: int, skipped_steps: int, started: float
+) -> None:
+    """results.json of a run that stopped (non_finite=stop): status failed, never taken for a completed run, the
+    error, and the checkpoint of the last completed epoch, from which the same command resumes (resume=auto)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last_good = str(last) if _readable_checkpoint(last) else None
+    write_json_atomic(run_dir / "results.json", {
+        "status": "failed",
+        "error": str(error),
+        "error_type": type(error).__name__,
+        "last_good_checkpoint": last_good,
+        "run_name": cfg.run_name,
+        "run_dir": str(run_dir),
+        "seed": cfg.seed,
+        "tags": list(cfg.tags),
+        "choices": _choices(),
+        "epochs_completed": epochs_completed,
+        "skipped_steps": skipped_steps,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git": git_state(Path(__file__).parent),
+        "versions": package_versions(),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })  # fmt: skip
+    resume = (f"the same command resumes from {last_good} (with non_finite=skip to step past the fault)" if last_good
+              else "no epoch completed: nothing to resume")  # fmt: skip
+    log.error("%s: status failed after %d epoch(s); %s", run_dir / "results.json", epochs_completed, resume)
 
 
 def _shot_accuracy(per_class: list[float] | None, counts: torch.Tensor | None) -> dict[str, float]:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from losslab.data import sources
 from losslab.data.augment import BatchAugment
-from losslab.data.batching import BatchOrder, TensorBatches
-from losslab.data.corruption import add_label_noise, subsample_long_tail
+from losslab.data.batching import SAMPLERS, BatchOrder, TensorBatches
+from losslab.data.corruption import NOISE_KINDS, add_label_noise, subsample_long_tail
 from losslab.errors import ConfigError
 
 
@@ -91,6 +91,11 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if n_views < 1:
             raise ConfigError(f"dataset.n_views={n_views}: must be >= 1")
+        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"dataset.{option}={value!r}: must be an integer >= 1")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"dataset.sampler={sampler!r}: allowed values are {', '.join(SAMPLERS)}")
         self.name = name
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -254,6 +259,19 @@ class InMemoryDataModule(ImageDataModule):
         if self.label_noise and set(self.label_noise) - {"kind", "rate", "seed"}:
             unknown = sorted(set(self.label_noise) - {"kind", "rate", "seed"})
             raise ConfigError(f"dataset.label_noise: unknown keys {unknown}; allowed keys are kind, rate, seed")
+        if self.label_noise:
+            kind, rate = self.label_noise.get("kind", "symmetric"), self.label_noise.get("rate", 0)
+            if kind not in NOISE_KINDS:
+                raise ConfigError(f"dataset.label_noise.kind={kind!r}: allowed values are {', '.join(NOISE_KINDS)}")
+            if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+                raise ConfigError(f"dataset.label_noise.rate={rate!r}: must be a number in [0, 1)")
+        if imbalance_factor is not None and (not isinstance(imbalance_factor, (int, float)) or imbalance_factor < 1):
+            raise ConfigError(
+                f"dataset.imbalance_factor={imbalance_factor!r}: must be null or a number >= 1 (n_max / n_min; 1 keeps "
+                "the classes balanced)"
+            )
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+            raise ConfigError(f"dataset.image_size={image_size!r}: must be null (native size) or an integer >= 1")
         self.imbalance_factor = imbalance_factor
         self.train_split: Split | None = None
         self.val_split: Split | None = None

@@ -93,8 +93,8 @@ class FolderDataModule(ImageDataModule):
             )
         try:
             return datasets.ImageFolder(str(path))
-        except FileNotFoundError as error:
-            raise DataNotFoundError(f"dataset {self.name}: {error}") from error
+        except FileNotFoundError as error:  # a class folder without images; torchvision names the class only
+            raise DataNotFoundError(f"dataset {self.name}: {path}: {error}") from error
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:

@@ -1,0 +1,51 @@
+"""Faults injected on purpose, to check that runs survive them (``scripts/fault_drill.py``, ``tests/test_faults.py``).
+
+Add one to a run as a callback: ``+callbacks.inject_nan._target_=losslab.faults.InjectNonFiniteLoss
++callbacks.inject_nan.step=60``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class InjectNonFiniteLoss(Callback):
+    """Makes the training loss ``value`` (NaN by default) on the batch at global step ``step``, once per process:
+    the output of the module's submodule ``module`` (``loss`` by default; ``head`` for the logits, which every term
+    then sees, e.g. DOT's two, which bypass the loss's forward) is multiplied by it, so the gradients are non-finite
+    too, while the features and the BatchNorm statistics stay as they were. A run resumed from before ``step`` meets
+    it again."""
+
+    def __init__(self, step: int, value: float = float("nan"), module: str = "loss") -> None:
+        self.step = step
+        self.value = value
+        self.module = module
+        self.fired = False
+        self._hook: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.fired or trainer.global_step != self.step:
+            return
+        self.fired = True
+        poisoned = pl_module.get_submodule(self.module)
+        self._hook = poisoned.register_forward_hook(lambda module, inputs, output: output * self.value)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_batch_end(trainer, pl_module)
+
+
+def truncate(path: str, keep: float = 0.5) -> int:
+    """Cut the file at ``path`` to ``keep`` of its size, as a copy or a disk filling up mid-write would; returns
+    the new size."""
+    with open(path, "r+b") as stream:
+        size = stream.seek(0, 2)
+        stream.truncate(int(size * keep))
+    return int(size * keep)
