@@ -5,6 +5,7 @@ It returns Lightning's scheduler dict (scheduler plus the interval it steps on).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from torch.optim import Optimizer
@@ -13,11 +14,12 @@ from torch.optim.lr_scheduler import LambdaLR, MultiStepLR, OneCycleLR
 from losslab.errors import ConfigError
 
 
-def cosine(
-    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0
+def _warmup_then_decay(
+    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float, min_lr_ratio: float,
+    decay: Callable[[float], float],
 ) -> dict[str, Any]:
-    """Linear warmup from 0 over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` × the base lr
-    (Loshchilov & Hutter 2017, without restarts)."""
+    """Linear warmup from 0 over ``warmup_epochs``, then ``min_lr_ratio + (1 - min_lr_ratio) · decay(progress)``
+    with progress going from 0 to 1 over the remaining steps (``decay`` from 1 to 0), stepped per batch."""
     if warmup_epochs < 0 or not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(
             f"scheduler.warmup_epochs={warmup_epochs}, scheduler.min_lr_ratio={min_lr_ratio}: "
@@ -29,9 +31,20 @@ def cosine(
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay(progress)
 
     return {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}
+
+
+def cosine(
+    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0
+) -> dict[str, Any]:
+    """Linear warmup from 0 over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` × the base lr
+    (Loshchilov & Hutter 2017, without restarts)."""
+    return _warmup_then_decay(
+        optimizer, total_steps, steps_per_epoch, warmup_epochs, min_lr_ratio,
+        lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    )  # fmt: skip
 
 
 def onecycle(
@@ -86,17 +99,6 @@ def linear(
 ) -> dict[str, Any]:
     """Linear warmup from 0 over ``warmup_epochs``, then linear decay to ``min_lr_ratio`` × the base lr at the last
     step."""
-    if warmup_epochs < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ConfigError(
-            f"scheduler.warmup_epochs={warmup_epochs}, scheduler.min_lr_ratio={min_lr_ratio}: "
-            "need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1"
-        )
-    warmup_steps = round(warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-
-    return {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}
+    return _warmup_then_decay(
+        optimizer, total_steps, steps_per_epoch, warmup_epochs, min_lr_ratio, lambda progress: 1.0 - progress
+    )
