@@ -1,8 +1,10 @@
 """Helpers shared by the tests: a central finite-difference gradient for the float64 loop references, and a
 tiny backbone for building the LightningModule without data."""
 
+import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def finite_difference_gradient(reference, tensor, step=1e-6):
@@ -26,3 +28,14 @@ class TinyBackbone(nn.Module):
 
     def forward(self, x):
         return self.linear(x.flatten(1))
+
+
+class Batches(L.LightningDataModule):
+    """A datamodule serving fixed tensors in batches of 4, for tests that drive the training module directly."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.images, self.labels = images, labels
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=4)

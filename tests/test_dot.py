@@ -14,7 +14,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIG_DIR, run_training
 from losslab.errors import ConfigError
@@ -22,7 +21,7 @@ from losslab.losses.distillation import DualHeadKD
 from losslab.objective import Objective, separates_distillation
 from losslab.optimizers import DOT
 from losslab.teacher import Teacher
-from reference import TinyBackbone
+from reference import Batches, TinyBackbone
 
 FAST = ["dataset=digits", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"]
 
@@ -131,15 +130,6 @@ def test_dot_config_has_the_official_cifar_defaults_and_declares_separate_distil
     assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "delta", "weight_decay")} == {
         "lr": 0.05, "momentum": 0.9, "delta": 0.075, "weight_decay": 5e-4
     }  # fmt: skip
-
-
-class Batches(L.LightningDataModule):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        super().__init__()
-        self.images, self.labels = images, labels
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=4)
 
 
 def test_the_module_steps_dot_with_the_distillation_gradient_first_and_counts_steps():

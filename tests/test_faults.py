@@ -21,7 +21,6 @@ import torch
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import REPO, run_training
 from losslab.errors import ConfigError, NonFiniteLossError
@@ -33,7 +32,7 @@ from losslab.optimizers import DOT, SAM
 from losslab.recording import AtomicModelCheckpoint, remove_stale_temporaries
 from losslab.sweep import SweepManifest
 from losslab.teacher import Teacher
-from reference import TinyBackbone
+from reference import Batches, TinyBackbone
 
 
 def _load_drill():
@@ -102,15 +101,6 @@ def test_a_failed_run_is_not_taken_for_completed_and_resumes_under_skip(tmp_path
     assert json.loads((run_dir / "results.json").read_text())["skipped_steps"] == 1
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["train/skipped_steps"].iloc[1:]) == [1, 1]
-
-
-class Batches(L.LightningDataModule):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        super().__init__()
-        self.images, self.labels = images, labels
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=4)
 
 
 def _tiny(optimizer: str) -> Objective:
