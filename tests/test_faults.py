@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import REPO, run_training
-from losslab.errors import ConfigError, NonFiniteLossError
+from losslab.errors import ConfigError, NonFiniteLossError, OutputWriteError
 from losslab.faults import InjectNonFiniteLoss, truncate
 from losslab.losses import CrossEntropy
 from losslab.losses.distillation import DualHeadKD
@@ -178,6 +178,23 @@ def test_a_half_written_results_json_is_removed_and_the_run_completes(reference,
     resumed = run_training(RUN, run_dir)
     assert resumed["status"] == "completed" and resumed["test"] == results["test"]
     assert not list(run_dir.glob("**/.*.tmp"))
+
+
+def test_a_disk_filling_up_mid_checkpoint_is_one_clear_error_and_the_same_command_resumes(reference, tmp_path):
+    results, _ = reference
+    run_dir = tmp_path / "run"
+    fill = ["+callbacks.fill_disk._target_=losslab.faults.FillDisk", "+callbacks.fill_disk.epoch=1"]
+    with pytest.raises(OutputWriteError) as error:
+        run_training([*RUN, *fill], run_dir)
+    message = str(error.value)
+    assert "\n" not in message and "No space left on device" in message and "resumes from the last complete" in message
+    assert str(run_dir / "checkpoints") in message  # the file that could not be written
+    assert not (run_dir / "results.json").exists()
+    assert not list(run_dir.glob("**/.*.tmp"))  # the half-written checkpoint is gone ...
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0  # ... and epoch 0's is intact
+    resumed = run_training(RUN, run_dir)  # space freed: the same command goes on from epoch 0's checkpoint
+    assert resumed["test"] == results["test"] and resumed["val"] == results["val"]
 
 
 def test_a_checkpoint_replaces_the_previous_one_only_once_complete(tmp_path):

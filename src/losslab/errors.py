@@ -20,3 +20,7 @@ class DataFormatError(LossLabError):
 class NonFiniteLossError(LossLabError):
     """A training step's loss or gradient was NaN or infinite (``non_finite=stop``); the message names the epoch,
     step, batch and the values of the loss terms."""
+
+
+class OutputWriteError(LossLabError):
+    """Writing a run's files failed (disk full, quota, read-only); the message names the file."""

@@ -6,6 +6,8 @@ Add one to a run as a callback: ``+callbacks.inject_nan._target_=losslab.faults.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 import lightning as L
@@ -40,6 +42,29 @@ class InjectNonFiniteLoss(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_batch_end(trainer, pl_module)
+
+
+class FillDisk(Callback):
+    """The disk fills up while the checkpoint of epoch ``epoch`` (0-based) is written: half its bytes reach the file,
+    then the write fails with ``ENOSPC``, once per process, as a full disk would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.fired = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        checkpoint_io = trainer.strategy.checkpoint_io
+        save = checkpoint_io.save_checkpoint
+
+        def save_then_fill(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if self.fired or trainer.current_epoch != self.epoch:
+                return save(checkpoint, path, storage_options)
+            self.fired = True
+            save(checkpoint, path, storage_options)
+            truncate(str(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        checkpoint_io.save_checkpoint = save_then_fill
 
 
 def truncate(path: str, keep: float = 0.5) -> int:

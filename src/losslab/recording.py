@@ -5,6 +5,7 @@ leaves complete files, or none, under their names."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,11 @@ import lightning as L
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig
+
+from losslab.errors import ConfigError, OutputWriteError
 
 VERSIONED_PACKAGES = (
     "losslab", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy", "timm",
@@ -46,6 +52,72 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+MIN_FREE_BYTES = 64 << 20  # logs, metrics and results of any run; its checkpoints come on top (check_output_dir)
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def check_output_dir(path: str | Path, option: str, needed_bytes: int = MIN_FREE_BYTES) -> None:
+    """Refuse, before anything is trained, an output directory that cannot be created or written, or whose disk has
+    less than ``needed_bytes`` free. ``option`` is the setting that chose the directory (named in the message).
+    The directory itself is not created: its nearest existing ancestor is tested."""
+    path = Path(path).expanduser().absolute()
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option}={path}: {existing} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".losslab_write_probe.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{option}={path}: cannot write in {existing} ({error.strerror or error}); "
+                          "choose a writable directory (paths.log_dir=...)") from error  # fmt: skip
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ConfigError(f"{option}={path}: {_mib(free)} free on its disk, this run needs about {_mib(needed_bytes)} "
+                          "(checkpoints, logs, results); free space or choose another paths.log_dir")  # fmt: skip
+
+
+def checkpoint_bytes(module: torch.nn.Module, copies: int = 3) -> int:
+    """Disk a run's checkpoints take at most: ``copies`` files (best, last and one being written) of the weights,
+    buffers and up to two optimiser moments per parameter (Adam's), plus :data:`MIN_FREE_BYTES`."""
+    parameters = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return copies * (3 * parameters + buffers) + MIN_FREE_BYTES
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+def raise_if_disk_full(error: OSError, run_dir: str | Path) -> None:
+    """Turn a failed write (disk full, quota, read-only) into a one-line :class:`OutputWriteError` that names the
+    file; every file a run writes is atomic, so the complete ones (checkpoints included) are still in place."""
+    if error.errno in FULL_DISK_ERRNOS:
+        raise OutputWriteError(
+            f"writing {error.filename or run_dir} failed: {error.strerror}. Nothing half-written was kept; free space "
+            "(or fix the permissions) and run the same command again: it resumes from the last complete checkpoint"
+        ) from error
+
+
+class OutputDirectoryCheck(HydraCallback):
+    """Hydra callback: checks the run's (or the sweep's) output directory before Hydra creates it, so a read-only
+    or full disk is one clear line (exit 2) instead of a traceback from Hydra's ``mkdir``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, option: str) -> None:
+        try:
+            check_output_dir(directory, option)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -73,7 +145,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
             return
         temporary = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
-        trainer.save_checkpoint(temporary, self.save_weights_only)  # writes on global rank 0, then a barrier
+        try:
+            trainer.save_checkpoint(temporary, self.save_weights_only)  # writes on global rank 0, then a barrier
+        except OSError:  # e.g. the disk filled up: drop the partial file, the previous checkpoint stays
+            if trainer.is_global_zero:
+                Path(temporary).unlink(missing_ok=True)
+            raise
         if trainer.is_global_zero:
             with open(temporary, "rb") as stream:
                 os.fsync(stream.fileno())

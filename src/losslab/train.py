@@ -31,10 +31,13 @@ from losslab.objective import NON_FINITE_MODES, Objective
 from losslab.recording import (
     EpochRecorder,
     RandomState,
+    check_output_dir,
+    checkpoint_bytes,
     count_parameters,
     git_state,
     package_versions,
     peak_memory_mb,
+    raise_if_disk_full,
     remove_stale_temporaries,
     write_atomic,
     write_json_atomic,
@@ -528,8 +531,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment and return what was written to ``results.json``.
 
     An identical completed run in the same directory is returned as it is; an interrupted one resumes
-    from its last checkpoint (``resume=auto``, the default).
+    from its last checkpoint (``resume=auto``, the default). A full or read-only disk is an
+    :class:`OutputWriteError` naming the file (refused before training where the space needed is known).
     """
+    try:
+        return _train(cfg)
+    except OSError as error:
+        raise_if_disk_full(error, cfg.paths.output_dir)
+        raise
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     _validate(cfg)
     non_finite = cfg.get("non_finite", "stop")
@@ -549,11 +561,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _share_the_machine(cfg)
     paradigm.train_pretrain_stage(cfg)  # a two-stage chain's pretraining run, trained or found complete first
     paradigm.train_teacher_stage(cfg)  # likewise a distillation's teacher run
+    check_output_dir(run_dir, "paths.output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, module, trainer, recorder = build(cfg)
+    check_output_dir(run_dir, "paths.output_dir", checkpoint_bytes(module))  # now that the model's size is known
     module.non_finite = non_finite
     fit_started = time.perf_counter()
     try:
@@ -715,6 +729,8 @@ def _report_user_error(error: LossLabError) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    global _TASK_STARTED
+    _TASK_STARTED = True
     try:
         results = train(cfg)
     except LossLabError as error:
@@ -728,8 +744,21 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry point (``losslab-train``); same arguments as ``python scripts/train.py``."""
-    _hydra_entry()
+    """Console entry point (``losslab-train``); same arguments as ``python scripts/train.py``.
+
+    Exit codes: 0 done; 2 refused input (ours, or Hydra's: an unknown group choice, which lists the available ones,
+    or a malformed override); 1 a crash (a traceback)."""
+    global _TASK_STARTED
+    _TASK_STARTED = False
+    try:
+        _hydra_entry()
+    except SystemExit as exit:
+        if exit.code == 1 and not _TASK_STARTED:  # Hydra could not compose the config: the input's fault
+            sys.exit(2)
+        raise
+
+
+_TASK_STARTED = False
 
 
 if __name__ == "__main__":
