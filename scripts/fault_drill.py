@@ -8,6 +8,12 @@
 * nan: a NaN loss injected at global step 60 (epoch 1) under ``non_finite=stop`` (a one-line error naming the
   step, results.json ``status: failed`` with the last good checkpoint), then the same command under
   ``non_finite=skip``, which resumes from that checkpoint and completes with ``skipped_steps`` 1.
+* inputs: every bad input of ``tests/bad_inputs.py`` (the table of ``tests/test_bad_inputs.py``: bad values, unknown
+  options, incompatible choices, damaged dataset files), run in-process through the CLI's entry point; clear means
+  exit code 2 and one ``error:`` line that says what its table row expects, with no traceback.
+* disk: the disk fills up while epoch 1's checkpoint is written (``losslab.faults.FillDisk``): one clear error, no
+  results.json and no half-written file left; the same command then resumes to the reference's result. And an
+  output directory that cannot be written (under ``/proc``): refused before anything runs.
 * corrupt: runs of the reference command, completed, then given a truncated ``last.ckpt`` (and no results.json,
   as if killed during the final evaluation), the temporary file of a half-written ``results.json`` (and none), or a
   truncated ``results.json``; each run again must reach the reference's result.
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +44,7 @@ RUN = ["dataset=digits", "backbone=mlp", "trainer.max_epochs=3", "trainer.accele
        "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"]  # fmt: skip
 NAN_STEP = 60  # digits has 40 training batches per epoch: epoch 1, after last.ckpt of epoch 0
 INJECT_NAN = ["+callbacks.inject_nan._target_=losslab.faults.InjectNonFiniteLoss", f"+callbacks.inject_nan.step={NAN_STEP}"]
+FILL_DISK = ["+callbacks.fill_disk._target_=losslab.faults.FillDisk", "+callbacks.fill_disk.epoch=1"]
 TIMEOUT_S = 600
 
 
@@ -243,6 +251,47 @@ class Drill:
         self.count("corrupt_handled", self._rerun("truncated_results", "truncated results.json", "cannot be read"))
         self.count("corrupt_cases", 3)
 
+    def inputs(self) -> None:
+        sys.path.insert(0, str(REPO / "tests"))  # the bad-input table and its damaged files live with the tests
+        from bad_inputs import CASES, clear_refusal, refusal, write_bad_data
+
+        data = write_bad_data(Path(tempfile.mkdtemp(prefix="bad_data_", dir=self.out)))
+        logs = self.out / "logs" / "inputs.log"
+        with open(logs, "w") as log:
+            for index, (overrides, expected) in enumerate(CASES):
+                overrides = [override.replace("{data}", str(data)) for override in overrides]
+                code, stderr = refusal(overrides, self.out / "inputs" / f"{index:02d}")
+                line = clear_refusal(code, stderr)
+                clear = line is not None and re.search(expected.replace("{data}", re.escape(str(data))), line)
+                self.count("inputs_tried")
+                self.count("inputs_clear", bool(clear))
+                log.write(f"$ {' '.join(overrides)}\n[exit {code}] {'clear' if clear else 'UNCLEAR'}\n{stderr}\n")
+                if not clear:
+                    self.notes.append(f"bad input {' '.join(overrides)}: exit {code}, {stderr.strip()[-300:]!r}")
+
+    def disk(self) -> None:
+        name = "disk_full"
+        directory = run_dir(self.out, name)
+        shutil.rmtree(directory, ignore_errors=True)
+        full = run(command(self.out, name, *FILL_DISK), self.out / "logs" / f"{name}.log")
+        line = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        clear = (
+            full.returncode == 2 and "Traceback" not in full.stderr and len(line) == 1
+            and "No space left on device" in line[0] and str(directory / "checkpoints") in line[0]
+            and not (directory / "results.json").exists() and not list(directory.glob("**/.*.tmp"))
+            and checkpoint_epoch(directory / "checkpoints" / "last.ckpt") == 0
+        )  # fmt: skip
+        self.count("disk_full_clear", clear)
+        if not clear:
+            self.notes.append(f"disk full: no clear stop (exit {full.returncode}), see {self.out / 'logs'}")
+        self.count("disk_full_resumed", self._rerun(name, "disk full", "resuming from"))
+        unwritable = run([sys.executable, str(REPO / "scripts" / "train.py"), *RUN, "paths.log_dir=/proc/losslab_drill"],
+                         self.out / "logs" / "unwritable.log")  # fmt: skip
+        clear = unwritable.returncode == 2 and unwritable.stderr.strip().startswith("error: hydra.run.dir=/proc/")
+        self.count("unwritable_refused", clear and "cannot write in /proc" in unwritable.stderr)
+        if not clear:
+            self.notes.append(f"unwritable output dir: not refused clearly (exit {unwritable.returncode})")
+
     def summary(self, parts: list[str]) -> str:
         c = self.counts.get
         lines = [f"fault drill: {' '.join(RUN)} (kill times seeded {self.seed}); runs under {self.out}"]
@@ -255,6 +304,12 @@ class Drill:
         if "nan" in parts:
             lines.append(f"NaN      stopped clearly {c('nan_stopped_clearly', 0)}/1  "
                          f"skipped (resumed under non_finite=skip, skipped_steps=1) {c('nan_skipped', 0)}/1")  # fmt: skip
+        if "inputs" in parts:
+            lines.append(f"inputs   tried {c('inputs_tried', 0):>3}  rejected with a clear message {c('inputs_clear', 0):>3}  "
+                         f"unclear {c('inputs_tried', 0) - c('inputs_clear', 0):>3}")  # fmt: skip
+        if "disk" in parts:
+            lines.append(f"disk     full mid-checkpoint: stopped clearly {c('disk_full_clear', 0)}/1, resumed identical "
+                         f"{c('disk_full_resumed', 0)}/1; unwritable output dir refused {c('unwritable_refused', 0)}/1")  # fmt: skip
         if "corrupt" in parts:
             lines.append(f"corrupt  handled {c('corrupt_handled', 0)}/{c('corrupt_cases', 3)}  (truncated last.ckpt, "
                          "half-written results.json, truncated results.json)")  # fmt: skip
@@ -267,7 +322,7 @@ class Drill:
         return not self.notes and c("kills_lost", 0) == 0 and c("kills_identical", 0) == c("kills_injected", 0)
 
 
-PARTS = ("kills", "nan", "corrupt")
+PARTS = ("inputs", "kills", "nan", "disk", "corrupt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,11 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     drill = Drill(out, args.seed)
     started = time.perf_counter()
+    if "inputs" in parts:
+        drill.inputs()
     _, window = drill.ensure_reference()
     if "kills" in parts:
         drill.kills(args.kills, window)
     if "nan" in parts:
         drill.nan()
+    if "disk" in parts:
+        drill.disk()
     if "corrupt" in parts:
         drill.corrupt()
     print(drill.summary(parts))

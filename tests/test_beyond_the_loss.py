@@ -109,6 +109,38 @@ def test_every_distillation_loss_trains_a_student_of_a_run_teacher(loss, teacher
     assert results["teacher"].startswith(f"run {teacher_run}")
 
 
+@pytest.mark.parametrize(("limit", "sampled"), [(1, "one batch"), (None, "the whole split")])
+def test_nd_kd_class_means_cover_the_training_split_or_the_batches_a_limit_allows(limit, sampled, teacher_run,
+                                                                                  tmp_path, monkeypatch):  # fmt: skip
+    from losslab.teacher import Teacher
+
+    seen: list[torch.Tensor] = []
+    means = Teacher.class_means
+
+    def spy(self, batches, num_classes):
+        def counted():
+            for images, labels in batches:
+                seen.append(labels)
+                yield images, labels
+
+        return means(self, counted(), num_classes)
+
+    monkeypatch.setattr(Teacher, "class_means", spy)
+    overrides = ["loss=nd_kd", "teacher=run", f"teacher.run_dir={teacher_run}"]
+    if limit is None:  # one epoch of one batch, but no integer limit: the means still see every training sample
+        overrides = ["dataset=digits", "trainer.max_epochs=1", "+trainer.limit_train_batches=0.03",
+                     "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", *overrides[:1], *overrides[1:],
+                     "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"]  # fmt: skip
+        results = run_training(overrides, tmp_path / "run")
+    else:
+        results = run(overrides, tmp_path)
+    labels = torch.cat(seen)
+    assert set(labels.tolist()) == set(range(10))
+    n_train, batch = results["data"]["split"]["n_train"], results["config"]["dataset"]["eval_batch_size"]
+    assert batch < n_train
+    assert len(labels) == (n_train if limit is None else batch), sampled  # fast_dev_run: one batch had every class
+
+
 def test_the_teacher_is_not_saved_with_the_student(teacher_run, tmp_path):
     overrides = ["dataset=digits", "loss=kd", "teacher=run", f"teacher.run_dir={teacher_run}", "trainer.max_epochs=1",
                  "+trainer.limit_train_batches=2", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"]  # fmt: skip

@@ -259,12 +259,30 @@ def test_the_drill_summary_counts_kills_nan_runs_and_corrupt_files(tmp_path):
     summary.count("kills_lost", False)
     summary.kill_points = {"after epoch 1": 1, "before the first checkpoint": 1}
     summary.count("nan_stopped_clearly"), summary.count("nan_skipped"), summary.count("corrupt_handled")
+    summary.count("inputs_tried"), summary.count("inputs_clear"), summary.count("disk_full_clear")
     table = summary.summary(list(drill.PARTS))
+    assert "tried   1  rejected with a clear message   1  unclear   0" in table
+    assert "stopped clearly 1/1, resumed identical 0/1; unwritable output dir refused 0/1" in table
     assert "injected   2  survived   2  identical   2  lost   0" in table
     assert "stopped clearly 1/1" in table and "skipped_steps=1) 1/1" in table and "handled 1/3" in table
     assert summary.passed
     summary.count("kills_lost")
     assert not summary.passed
+
+
+def test_the_drill_counts_a_bad_input_as_clear_only_when_its_line_says_what_the_table_expects(tmp_path, monkeypatch):
+    import bad_inputs
+
+    cases = [
+        (["dataset=digits", "loss=focal", "loss.gamma=-1"], r"loss\.gamma=-1: must be >= 0"),  # refused as expected
+        (["dataset=digits", "loss=focal", "loss.gamma=-2"], r"loss\.gamma=-1"),  # refused, but not as the row says
+    ]
+    monkeypatch.setattr(bad_inputs, "CASES", cases)
+    summary = drill.Drill(tmp_path)
+    (tmp_path / "logs").mkdir()
+    summary.inputs()
+    assert "tried   2  rejected with a clear message   1  unclear   1" in summary.summary(["inputs"])
+    assert not summary.passed and "loss.gamma=-2" in summary.notes[0]
 
 
 def test_the_drill_refuses_unknown_parts():

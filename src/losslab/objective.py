@@ -19,7 +19,7 @@ optimisation, with both passes on the same (mixed) batch; so does one that decla
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -298,16 +298,24 @@ class Objective(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The teacher joins the student's device; a loss that needs the teacher's class means (ND) gets them,
-        over the unaugmented training split (again on resume: they are not checkpointed)."""
+        over the unaugmented training split (again on resume: they are not checkpointed). An integer
+        ``limit_train_batches`` (fast_dev_run sets 1) caps those batches too, once every class has appeared."""
         self._teacher_to_device()
         if self.teacher is None or not getattr(self.loss, "needs_teacher_class_means", False):
             return
         datamodule = self.trainer.datamodule
-        batches = (
-            datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
-            for images, labels in datamodule.train_eval_dataloader()
-        )
-        self.loss.set_teacher_class_means(self.teacher.class_means(batches, self.num_classes))
+        limit = self.trainer.limit_train_batches if isinstance(self.trainer.limit_train_batches, int) else None
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            seen = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+            for index, (images, labels) in enumerate(datamodule.train_eval_dataloader()):
+                if limit is not None and index >= limit and bool(seen.all()):
+                    return
+                images, labels = datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
+                seen[labels.argmax(dim=-1) if labels.is_floating_point() else labels] = True
+                yield images, labels
+
+        self.loss.set_teacher_class_means(self.teacher.class_means(batches(), self.num_classes))
 
     def on_validation_start(self) -> None:
         self._teacher_to_device()
