@@ -13,6 +13,8 @@ from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
 
+import numpy as np
+
 import fake_formats
 from losslab import train
 
@@ -53,6 +55,14 @@ CASES = [  # (overrides, what the error line must contain: a regex)
      r"{data}/truncated/fashion-mnist/train-images-idx3-ubyte\.gz: cannot read \(EOFError"),
     (["paths.data_dir={data}/short", "dataset.download=false"],
      r"{data}/short/fashion-mnist/train-images-idx3-ubyte\.gz: wrong size"),
+    (["paths.data_dir={data}/no_sandals", "dataset.download=false"],
+     r"{data}/no_sandals/fashion-mnist/train-labels-idx1-ubyte\.gz: class 5 \('Sandal'\) has no training sample: none "
+     r"in the training file"),
+    (["paths.data_dir={data}/one_sandal", "dataset.download=false", "dataset.val_fraction=0.6"],
+     r"one_sandal/fashion-mnist/train-labels-idx1-ubyte\.gz: class 5 \('Sandal'\) has no training sample: all went "
+     r"to validation \(dataset\.val_fraction=0\.6"),
+    (["paths.data_dir={data}/large_images", "dataset.download=false"],
+     r"{data}/large_images/fashion-mnist/t10k-images-idx3-ubyte\.gz: images are 32x32, expected 28x28"),
     (["dataset=multilabel_folder", "paths.data_dir={data}", "loss=bce"],
      r"{data}/multilabel_folder/labels\.csv line 3: column 'fox' holds '2'; labels must be 0 or 1"),
     (["dataset=image_folder", "paths.data_dir={data}"],
@@ -119,6 +129,15 @@ def write_bad_data(root: Path) -> Path:
     fake_formats.write_fashion_mnist(root / "short")
     path = root / "short" / images
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))  # a whole gzip of cut IDX data
+    for name, keep in (("no_sandals", 0), ("one_sandal", 1)):  # class 5 kept `keep` times in the training labels
+        fake_formats.write_fashion_mnist(root / name, n_train=40)
+        path = root / name / "fashion-mnist/train-labels-idx1-ubyte.gz"
+        labels = np.frombuffer(gzip.decompress(path.read_bytes())[8:], np.uint8).copy()
+        sandals = np.flatnonzero(labels == 5)
+        labels[sandals[keep:]] = 6
+        fake_formats.write_idx(path, labels)
+    fake_formats.write_fashion_mnist(root / "large_images")  # then 32x32 test images: CIFAR's size in an IDX file
+    fake_formats.write_idx(root / "large_images/fashion-mnist/t10k-images-idx3-ubyte.gz", np.zeros((10, 32, 32)))
     labelled = fake_formats.write_multilabel_folder(root / "multilabel_folder", sizes=(6, 0, 3))
     csv = labelled.root / "labels.csv"
     lines = csv.read_text().splitlines()

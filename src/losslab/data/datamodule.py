@@ -21,7 +21,7 @@ from losslab.data import sources
 from losslab.data.augment import BatchAugment
 from losslab.data.batching import SAMPLERS, BatchOrder, TensorBatches
 from losslab.data.corruption import NOISE_KINDS, add_label_noise, subsample_long_tail
-from losslab.errors import ConfigError
+from losslab.errors import ConfigError, DataFormatError
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +314,7 @@ class InMemoryDataModule(ImageDataModule):
         self.num_channels = train_images.shape[1]
         self.image_size = train_images.shape[-1]
         self.class_counts = torch.bincount(self.train_split.labels, minlength=self.num_classes)
+        self._refuse_empty_classes(arrays, val_index)
         pixels = self.train_split.images.to(torch.float64) / 255.0
         self.mean = pixels.mean(dim=(0, 2, 3)).float()
         self.std = pixels.std(dim=(0, 2, 3)).float().clamp_min(1e-3)
@@ -325,6 +326,22 @@ class InMemoryDataModule(ImageDataModule):
                    "train_class_counts": self.class_counts.tolist()},
             normalization={"mean": self.mean.tolist(), "std": self.std.tolist()},
         )
+
+    def _refuse_empty_classes(self, arrays: Any, val_index: torch.Tensor) -> None:
+        """Every class needs training samples (a classifier head, the class-balanced losses and the per-class
+        metrics assume it): name the files and the classes that have none once split."""
+        empty = (self.class_counts == 0).nonzero().flatten().tolist()
+        if not empty:
+            return
+        names = ", ".join(f"{index} ({self.classes[index]!r})" for index in empty)
+        in_source = torch.bincount(arrays.train_labels, minlength=self.num_classes)
+        cause = (
+            "none in the training file" if all(in_source[index] == 0 for index in empty)
+            else f"all went to validation (dataset.val_fraction={self.val_fraction}, {len(val_index)} images)"
+        )  # fmt: skip
+        labels_files = [name for name in arrays.files if "train" in name and "label" in name]
+        where = Path(arrays.source) / labels_files[0] if len(labels_files) == 1 else Path(arrays.source)
+        raise DataFormatError(f"{where}: class {names} has no training sample: {cause}")
 
     def _loader(self, split: Split | None, training: bool) -> TensorBatches:
         if split is None:

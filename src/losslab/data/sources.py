@@ -282,6 +282,8 @@ def _idx_reader(classes: tuple[str, ...]) -> Callable[[Path], ImageArrays]:
             label_path = _pick(directory, _idx_names(f"{prefix}-labels-idx1-ubyte"))
             assert image_path is not None and label_path is not None  # _problem() checked they exist
             images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+            if images.shape[1:] != (28, 28):  # every IDX dataset read here is the MNIST family's 28x28 grayscale
+                raise DataFormatError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
             _check_split(images, labels, len(classes), f"{image_path} / {label_path}")
             splits.append((images[:, None], labels))
             paths += [image_path, label_path]
