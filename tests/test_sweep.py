@@ -133,3 +133,14 @@ def test_optuna_preset_tunes_on_the_validation_metric(tmp_path):
     assert len({t["config"]["loss"]["epsilon"] for t in trials}) == 3
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(t["val"]["acc"] for t in trials))
+
+
+def test_a_sweep_with_a_failing_job_finishes_the_others_and_lists_the_failure(tmp_path):
+    done = train_cli("-m", "loss=focal", "loss.gamma=-1,2", "debug=fdr", *QUIET, f"paths.log_dir={tmp_path}",
+                     "sweep_name=one_fails")  # fmt: skip
+    assert done.returncode != 0  # the sweep as a whole reports the failure ...
+    runs = manifest(tmp_path / "multirun" / "one_fails")["runs"]
+    states = {name.split("loss.gamma=")[1].split(",")[0]: run for name, run in runs.items()}
+    assert states["2"]["state"] == "completed"  # ... after running the job that can run
+    assert (tmp_path / "multirun" / "one_fails" / next(n for n in runs if "gamma=2" in n) / "results.json").is_file()
+    assert states["-1"]["state"] == "failed" and "loss.gamma=-1: must be >= 0" in states["-1"]["error"]
