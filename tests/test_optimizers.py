@@ -511,3 +511,55 @@ def test_sam_under_lightning_manual_optimisation_matches_the_closure_loop_and_co
         optimizer.step(closure_for(optimizer, reference, x[i : i + 1], y[i : i + 1]))
     for p, q in zip(module.layer.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def _sam_objective():
+    from losslab.losses import CrossEntropy
+    from losslab.objective import Objective
+    from reference import TinyBackbone
+
+    torch.manual_seed(0)
+    optimizer = partial(SAM, base_optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9), rho=0.05)
+    return Objective(TinyBackbone(), CrossEntropy(), num_classes=3, optimizer=optimizer)
+
+
+def _fit_fp16(module, scale: float | None) -> tuple[L.Trainer, torch.amp.GradScaler | None]:
+    """SAM's two passes under fp16 autocast on CPU, with a GradScaler of fixed ``scale`` (None: no scaler)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from reference import Batches
+
+    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+    torch.manual_seed(1)
+    images, labels = torch.randn(12, 3, 2, 2), torch.randint(0, 3, (12,))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])  # fmt: skip
+    trainer.fit(module, datamodule=Batches(images, labels))
+    return trainer, scaler
+
+
+def test_sam_under_an_fp16_grad_scaler_steps_as_without_one():
+    """Both passes scaled by a power of two: e is scale-free and the scaler unscales once, so three steps land on
+    the weights of the unscaled fp16 run (to fp16's rounding of the scaled losses), whatever the scale."""
+    unscaled = _sam_objective()
+    trainer, _ = _fit_fp16(unscaled, None)
+    start = _sam_objective()
+    for scale in (2.0**4, 2.0**12):
+        module = _sam_objective()
+        trainer, scaler = _fit_fp16(module, scale)
+        assert trainer.global_step == 3 and scaler.get_scale() == scale  # no overflow, no skipped step
+        for p, q, r in zip(module.parameters(), unscaled.parameters(), start.parameters()):
+            assert not torch.equal(p, r)  # it trained
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_sam_step_skipped_by_an_overflowing_grad_scaler_leaves_the_weights_unperturbed():
+    """A scale that overflows fp16 (2^40): the scaler skips every step and halves its scale each time; SAM's
+    perturbation must not stay in the weights, which end exactly where they started."""
+    module, start = _sam_objective(), _sam_objective()
+    trainer, scaler = _fit_fp16(module, 2.0**40)
+    assert trainer.global_step == 3 and scaler.get_scale() == 2.0**37
+    for p, q in zip(module.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert not module.optimizers().optimizer.perturbed

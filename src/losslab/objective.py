@@ -364,22 +364,30 @@ class Objective(L.LightningModule):
     def _two_pass_step(self, batch: tuple[torch.Tensor, torch.Tensor], mixed: MixedBatch | None) -> torch.Tensor:
         """SAM / ASAM (Foret et al. 2021, Kwon et al. 2021) under manual optimisation: the gradient at w, the
         ascent to w + e (``first_step``), the gradient there on the same batch, back to w and the base
-        optimiser's step with that gradient (``second_step``); then the per-step schedules."""
+        optimiser's step with that gradient (``second_step``); then the per-step schedules.
+
+        Under fp16 loss scaling both backward passes are scaled alike: ``e`` does not depend on the scale (an
+        overflowed first pass perturbs nothing), the scaler unscales once, in ``optimizer.step()``, and when it
+        skips an overflowed step the weights are put back to ``w`` here. The guard then checks the losses only, as
+        on the automatic path: overflowing scaled gradients are the scaler's to handle."""
         optimizer = self.optimizers()
         sam = optimizer.optimizer
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         loss = self._step(batch, "train", mixed)
         optimizer.zero_grad()
         self.manual_backward(loss)
-        gradient_norm = self._gradient_norm()
+        gradient_norm = None if scaled else self._gradient_norm()
         sam.first_step()  # a non-finite gradient perturbs nothing
         optimizer.zero_grad()
         ascent_loss = self._step(batch, "train", mixed, record=False)
         self.manual_backward(ascent_loss)
-        checked = {"total": loss, "gradient_norm": gradient_norm, "ascent_total": ascent_loss,
-                   "ascent_gradient_norm": self._gradient_norm()}  # fmt: skip
+        checked = {"total": loss, "ascent_total": ascent_loss}
+        if not scaled:
+            checked |= {"gradient_norm": gradient_norm, "ascent_gradient_norm": self._gradient_norm()}
         if not self._guard(checked):
             optimizer.zero_grad()  # the step below then restores w and updates nothing
-        optimizer.step()  # Lightning's step (it counts global_step); SAM's step then takes the second half
+        optimizer.step()  # Lightning's step (it counts global_step, runs the scaler); SAM's takes the second half
+        sam.restore()  # a no-op unless the scaler skipped that step: then w comes back here
         optimizer.zero_grad()
         self._step_schedulers("step")
         return loss.detach()

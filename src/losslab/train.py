@@ -252,14 +252,14 @@ def check_optimizer(cfg: DictConfig, choices: dict[str, str], loss: Loss) -> Non
             + "|".join(loss_choices(lambda cls: cls.needs_teacher))
         )
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if precision.startswith("16") or precision == "fp16-mixed":
+    if separates_distillation and (precision.startswith("16") or precision == "fp16-mixed"):
         raise ConfigError(
-            f"{name} takes two gradients per step, which fp16 loss scaling (trainer.precision={precision}) does not "
-            "support here; use trainer.precision=bf16-mixed or 32-true"
+            f"{name} takes the task and distillation gradients separately, which fp16 loss scaling "
+            f"(trainer.precision={precision}) does not support here; use trainer.precision=bf16-mixed or 32-true"
         )
-    for option in ("gradient_clip_val", "accumulate_grad_batches"):
+    for option, neutral in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (None, 1))):
         value = cfg.trainer.get(option)
-        if value not in (None, 0, 1, 0.0):
+        if value not in neutral:
             raise ConfigError(
                 f"{name} steps under manual optimisation, where trainer.{option}={value} does not apply; "
                 f"leave trainer.{option} unset"
