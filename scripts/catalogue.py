@@ -46,7 +46,8 @@ def rows() -> list[dict[str, str]]:
         config = OmegaConf.load(path)
         target = str(config._target_)
         cls = hydra.utils.get_class(target)
-        defaults = {k: v for k, v in OmegaConf.to_container(config).items() if not k.startswith("_")}
+        # Resolved on its own: an experiment-settable default (`${oc.select:key,default}`) shows its default.
+        defaults = {k: v for k, v in OmegaConf.to_container(config, resolve=True).items() if not k.startswith("_")}
         consumes = cls.kind + (f", {cls.n_views} views" if cls.n_views > 1 else "")
         if not cls.needs_labels:
             consumes += ", no labels"
