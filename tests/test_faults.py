@@ -180,7 +180,7 @@ def test_a_half_written_results_json_is_removed_and_the_run_completes(reference,
     assert not list(run_dir.glob("**/.*.tmp"))
 
 
-def test_a_disk_filling_up_mid_checkpoint_is_one_clear_error_and_the_same_command_resumes(reference, tmp_path):
+def test_a_disk_filling_up_mid_checkpoint_is_one_clear_error_and_the_same_command_resumes(reference, tmp_path, caplog):
     results, _ = reference
     run_dir = tmp_path / "run"
     fill = ["+callbacks.fill_disk._target_=losslab.faults.FillDisk", "+callbacks.fill_disk.epoch=1"]
@@ -193,7 +193,9 @@ def test_a_disk_filling_up_mid_checkpoint_is_one_clear_error_and_the_same_comman
     assert not list(run_dir.glob("**/.*.tmp"))  # the half-written checkpoint is gone ...
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 0  # ... and epoch 0's is intact
-    resumed = run_training(RUN, run_dir)  # space freed: the same command goes on from epoch 0's checkpoint
+    with caplog.at_level(logging.INFO, logger="losslab"):
+        resumed = run_training(RUN, run_dir)  # space freed: the same command goes on from epoch 0's checkpoint
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert resumed["test"] == results["test"] and resumed["val"] == results["val"]
 
 

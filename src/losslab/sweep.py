@@ -41,9 +41,16 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     if trainer:
         comparable["trainer"] = trainer
     comparable["callbacks"] = {
-        name: node for name, node in (comparable.get("callbacks") or {}).items() if "progress" not in name
-    }
+        name: node for name, node in (comparable.get("callbacks") or {}).items()
+        if "progress" not in name and not _injected_fault(node)
+    }  # fmt: skip
     return comparable
+
+
+def _injected_fault(node: Any) -> bool:
+    """A ``losslab.faults`` callback (a drill's NaN, full disk): what the run meets, not what it is, so the same
+    command without it resumes the interrupted run."""
+    return isinstance(node, dict) and str(node.get("_target_", "")).startswith("losslab.faults.")
 
 
 def _fingerprint(config: dict[str, Any]) -> str:
