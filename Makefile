@@ -8,6 +8,9 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
+# The suite runs in TEST_JOBS processes (pytest-xdist; one test file per process at a time, so a file's fixtures
+# are built once); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= 2
 ARGS ?=
 SWEEP ?= fashion_mnist_losses
 JOBS ?= 2
@@ -48,7 +51,7 @@ compare: install
 	$(VENV)/bin/losslab-compare outputs/multirun/$(SWEEP) $(COMPARE_ARGS)
 
 test: install data
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -6,9 +6,11 @@ by name.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +21,11 @@ from losslab.train import config_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = config_dir()
+
+# Under pytest-xdist (`make test`), each worker process takes its share of the cores for in-process runs instead of
+# every worker using all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # Datasets for in-process runs: big enough for a stratified validation split with every class present.
 FAKE_SIZES = {"cifar100": (300, 100), "tiny_imagenet": (40, 10)}
