@@ -25,6 +25,7 @@ a linear drift in the machine's load hits both alike).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -122,11 +123,8 @@ def timed_pass(batches: Callable[[], Iterator[Any]], count: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    drawn = 0
-    for _ in batches():
-        drawn += 1
-        if drawn == count:
-            break
+    for _ in itertools.islice(batches(), count):
+        pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per pipeline; the median is reported")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the torchvision side")
     parser.add_argument("--pil", action="store_true", help="torchvision side: a PIL image per sample, then ToImage()")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda: where batches are delivered (and LossLab augments)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where batches end up (and LossLab augments)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, from OMP_NUM_THREADS)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the dataset (dataset.augment.crop_padding=4)")
     args = parser.parse_args(argv)

@@ -39,29 +39,29 @@ import time
 
 _IMPORTS_STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import copy
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
-from torch import nn  # noqa: E402
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, open_dict
+from torch import nn
 
-from losslab.train import build, config_dir  # noqa: E402
+from losslab.train import build, config_dir
 
 _IMPORTS_SECONDS = time.perf_counter() - _IMPORTS_STARTED
 PATHS = ("plain", "losslab")
@@ -136,7 +136,7 @@ class PlainData:
     def of(cls, datamodule: Any, cfg: DictConfig) -> PlainData:
         augment = datamodule.augment
         if augment.cutout_size:
-            raise SystemExit("bench_train: the plain loop implements crop and flip only; use dataset.augment.cutout_size=0")
+            raise SystemExit("bench_train: the plain loop does crop and flip only; use dataset.augment.cutout_size=0")
         return cls(
             images=datamodule.train_split.images, labels=datamodule.train_split.labels,
             val_images=datamodule.val_split.images, val_labels=datamodule.val_split.labels,
