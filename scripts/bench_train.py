@@ -342,15 +342,14 @@ def overrides_of(args: argparse.Namespace, epochs: int | None) -> list[str]:
     return overrides + list(args.overrides)
 
 
-def describe(cfg: DictConfig, prepared: Prepared | None = None) -> str:
+def describe(cfg: DictConfig, device: torch.device, steps: int | None = None) -> str:
     choices = HydraConfig.get().runtime.choices
     text = (f"{choices.get('dataset')}, {choices.get('backbone')} + linear head, {choices.get('loss')}, "
             f"{choices.get('optimizer')} + {choices.get('scheduler')}, batch {cfg.dataset.batch_size}")  # fmt: skip
-    if prepared is not None:
-        text += f", {steps_per_epoch(prepared)} steps/epoch"
-    device = prepared.device if prepared is not None else None
+    if steps is not None:
+        text += f", {steps} steps/epoch"
     threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
-    return f"{text}; torch {torch.__version__}, {device or 'device of the trainer'}, {threads}"
+    return f"{text}; torch {torch.__version__}, {device}, {threads}"
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -366,7 +365,7 @@ def benchmark(args: argparse.Namespace) -> int:
             with open_dict(cfg):
                 cfg.paths.output_dir = str(scratch / f"run{repeat}")
             prepared = prepare(cfg)
-            described = described or describe(cfg, prepared)
+            described = described or describe(cfg, prepared.device, steps_per_epoch(prepared))
             order = PATHS if repeat % 2 == 0 else PATHS[::-1]
             for path in order:
                 runs[path].append(run_plain(prepared, epochs) if path == "plain" else run_losslab(prepared))
@@ -465,7 +464,7 @@ def time_to_accuracy(args: argparse.Namespace, started: float) -> int:
         datamodule, module, trainer, _ = build(cfg)
         device = trainer.strategy.root_device
         print(f"time to {args.time_to_accuracy:.2%} test accuracy, the `make train` recipe through LossLab: "
-              f"{describe(cfg)}, {cfg.trainer.max_epochs} epochs")  # fmt: skip
+              f"{describe(cfg, device)}, {cfg.trainer.max_epochs} epochs")  # fmt: skip
         print("test accuracy after each epoch, for this report only (its evaluation time is off the clock)")
         print(f"{'epoch':>5} {'test acc':>9} {'wall s':>9}", flush=True)
         clock_ = TimeToAccuracy(args.time_to_accuracy, started, device)
@@ -481,8 +480,8 @@ def time_to_accuracy(args: argparse.Namespace, started: float) -> int:
         print(f"reached {args.time_to_accuracy:.2%} test accuracy after epoch {reached[0]} at {reached[1]:.1f} s "
               f"({since})")  # fmt: skip
     else:
-        best = max(clock_.history, key=lambda row: row[1])
-        print(f"not reached: {args.time_to_accuracy:.2%} test accuracy in {len(clock_.history)} epochs (best "
+        best, epochs = max(clock_.history, key=lambda row: row[1]), len(clock_.history)
+        print(f"not reached: {args.time_to_accuracy:.2%} test accuracy in {epochs} epoch{'s' * (epochs != 1)} (best "
               f"{best[1]:.4f} after epoch {best[0]}, {clock_.history[-1][2]:.1f} s; {since})")  # fmt: skip
     return 0
 
