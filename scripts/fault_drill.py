@@ -130,6 +130,11 @@ def kill_during_training(
     return "before the first checkpoint" if epoch is None else f"after epoch {epoch + 1}"
 
 
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The ``error: ...`` lines a run printed on stderr (its log lines are there too)."""
+    return [line for line in done.stderr.splitlines() if line.startswith("error:")]
+
+
 def same_metrics(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return bool(a and b) and a["test"] == b["test"] and a["val"] == b["val"]
 
@@ -187,12 +192,12 @@ class Drill:
         shutil.rmtree(directory, ignore_errors=True)
         stopped = run(command(self.out, name, *INJECT_NAN, "non_finite=stop"), self.out / "logs" / "nan.stop.log")
         failed = results(directory) or {}
-        error_lines = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+        stop_lines = error_lines(stopped)
         last_good = failed.get("last_good_checkpoint")
         clear = (
-            stopped.returncode == 2 and "Traceback" not in stopped.stderr and len(error_lines) == 1
-            and f"global step {NAN_STEP}" in error_lines[0] and "loss=nan" in error_lines[0]
-            and failed.get("status") == "failed" and failed.get("error") == error_lines[0].removeprefix("error: ")
+            stopped.returncode == 2 and "Traceback" not in stopped.stderr and len(stop_lines) == 1
+            and f"global step {NAN_STEP}" in stop_lines[0] and "loss=nan" in stop_lines[0]
+            and failed.get("status") == "failed" and failed.get("error") == stop_lines[0].removeprefix("error: ")
             and bool(last_good) and checkpoint_epoch(Path(last_good)) == 0
         )  # fmt: skip
         self.count("nan_stopped_clearly", clear)
@@ -274,7 +279,7 @@ class Drill:
         directory = run_dir(self.out, name)
         shutil.rmtree(directory, ignore_errors=True)
         full = run(command(self.out, name, *FILL_DISK), self.out / "logs" / f"{name}.log")
-        line = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        line = error_lines(full)
         clear = (
             full.returncode == 2 and "Traceback" not in full.stderr and len(line) == 1
             and "No space left on device" in line[0] and str(directory / "checkpoints") in line[0]

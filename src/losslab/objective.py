@@ -303,19 +303,23 @@ class Objective(L.LightningModule):
         self._teacher_to_device()
         if self.teacher is None or not getattr(self.loss, "needs_teacher_class_means", False):
             return
+        batches = self._unaugmented_training_batches(every_class=True)
+        self.loss.set_teacher_class_means(self.teacher.class_means(batches, self.num_classes))
+
+    def _unaugmented_training_batches(self, every_class: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training split without augmentation, batch by batch on this device (for the kNN bank and the
+        teacher's class means). An integer ``limit_train_batches`` (fast_dev_run sets 1) caps the batches as it caps
+        training; with ``every_class``, only once every class has appeared."""
         datamodule = self.trainer.datamodule
         limit = self.trainer.limit_train_batches if isinstance(self.trainer.limit_train_batches, int) else None
-
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            seen = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
-            for index, (images, labels) in enumerate(datamodule.train_eval_dataloader()):
-                if limit is not None and index >= limit and bool(seen.all()):
-                    return
-                images, labels = datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
+        seen = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        for index, (images, labels) in enumerate(datamodule.train_eval_dataloader()):
+            if limit is not None and index >= limit and (not every_class or bool(seen.all())):
+                return
+            images, labels = datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
+            if every_class:
                 seen[labels.argmax(dim=-1) if labels.is_floating_point() else labels] = True
-                yield images, labels
-
-        self.loss.set_teacher_class_means(self.teacher.class_means(batches(), self.num_classes))
+            yield images, labels
 
     def on_validation_start(self) -> None:
         self._teacher_to_device()
@@ -515,17 +519,11 @@ class Objective(L.LightningModule):
         """The kNN bank: backbone features of the training split, unaugmented, at the current weights, gathered
         across ranks (None without a datamodule). An integer ``limit_train_batches`` (fast_dev_run sets 1) caps
         the batches, as it caps training."""
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        if datamodule is None:
+        if self.trainer.datamodule is None:
             return None
-        limit = trainer.limit_train_batches if isinstance(trainer.limit_train_batches, int) else None
         bank = self.representation.bank
-        for index, (images, labels) in enumerate(datamodule.train_eval_dataloader()):
-            if limit is not None and index >= limit:
-                break
-            images, labels = datamodule.on_after_batch_transfer((images.to(self.device), labels.to(self.device)), 0)
-            with trainer.precision_plugin.forward_context():
+        for images, labels in self._unaugmented_training_batches():
+            with self.trainer.precision_plugin.forward_context():
                 bank.update(self.features(images), labels)
         if not bank.update_called:
             return None
